@@ -1,0 +1,119 @@
+"""Per-segment coefficients and the top-alpha mask, from the ``[S, 10]`` statistics.
+
+This is the small step between the two passes (spec sections 4 to 6). It runs as
+a handful of torch ops on ``[S]``-sized tensors on the buffers' device, in
+float64 (``S`` is at most a few thousand, so precision is free), with no host
+synchronisation. Every backend shares it, so the backends differ only in the
+two memory-bound passes.
+
+Statistics columns (spec section 3)::
+
+    0 gt.gt  1 gt.ht  2 ht.ht  3 gp.gp  4 gp.hp  5 hp.hp  6 gt.gp  7 gt.hp  8 ht.gp  9 ht.hp
+
+The combine pass computes ``d = c1*gt + c2*ht + c3*gp + c4*hp`` per segment from
+the ``[S, 4]`` float32 table returned here. A coefficient that is exactly 0 means
+"that buffer is not read" and a row ``(1, 0, 0, 0)`` means "segment untouched":
+that is how a masked-out, ``ft`` or skipped segment costs no reads and keeps its
+bits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+MODES = ("mdgd", "gm", "ft")
+ALPHA_BY = ("elements", "segments")
+DEFAULT_EPS = 1e-6
+
+
+class Coefficients(NamedTuple):
+    coeffs: torch.Tensor  # float32 [S, 4]
+    cos: torch.Tensor  # float32 [S], Eq. 11
+    k: torch.Tensor  # float32 [S], Eq. 9
+    s_theta: torch.Tensor  # float32 [S], Eq. 8
+    s_phi: torch.Tensor  # float32 [S], Eq. 7
+    mask: torch.Tensor  # bool [S], Eq. 11 (all True outside gm)
+    nonfinite: torch.Tensor  # bool [S]: the segment's statistics are NaN/Inf
+    skipped: torch.Tensor  # bool []: the whole step is left untouched
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.where(
+        zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den)
+    )
+
+
+def top_alpha_mask(cos: torch.Tensor, weights: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``m = 1[cos >= T_alpha]`` (spec section 6), sort + cumsum on the device.
+
+    Segments are ordered by ``cos`` descending (stable: ties keep the lower index
+    first); ``T_alpha`` is the ``cos`` of the segment at which the running sum of
+    ``weights`` first reaches ``alpha * sum(weights)``.
+    """
+    order = torch.sort(cos, descending=True, stable=True).indices
+    running = torch.cumsum(weights.to(torch.float64)[order], 0)
+    target = (alpha * running[-1]).reshape(1)
+    pos = torch.searchsorted(running, target).clamp_(max=cos.numel() - 1)
+    threshold = cos[order[pos]]
+    return cos >= threshold
+
+
+def coefficients(
+    stats: torch.Tensor,
+    sizes: torch.Tensor,
+    *,
+    mode: str = "mdgd",
+    alpha: float = 0.1,
+    align: bool = True,
+    alpha_by: str = "elements",
+    eps: float = DEFAULT_EPS,
+    skip_nonfinite: bool = True,
+) -> Coefficients:
+    """Coefficients of every segment from its Gram statistics (spec sections 4-6)."""
+    st = stats.to(torch.float64)
+    gtgt, gtht, htht, gpgp, gphp, hphp, gtgp, gthp, htgp, hthp = st.unbind(1)
+    s_t = _safe_div(gtht, htht, htht == 0)  # Eq. 8
+    s_p = _safe_div(gphp, hphp, hphp == 0)  # Eq. 7
+    dot = gtgp - s_p * gthp - s_t * htgp + s_t * s_p * hthp  # gbar_theta . gbar_phi
+    nbp = torch.clamp(gpgp - s_p * gphp, min=0)  # |gbar_phi|^2
+    nbt = torch.clamp(gtgt - s_t * gtht, min=0)  # |gbar_theta|^2
+    deg_p = nbp <= eps * gpgp
+    deg_t = nbt <= eps * gtgt
+    k = _safe_div(dot, nbp, deg_p)  # Eq. 9
+    cos = _safe_div(dot, torch.sqrt(nbt * nbp), deg_p | deg_t)  # Eq. 11
+
+    one = torch.ones_like(k)
+    zero = torch.zeros_like(k)
+    a = one if align else zero
+    if mode == "mdgd":
+        mask = torch.ones_like(k, dtype=torch.bool)
+        c = torch.stack([one, a, k, -k * s_p], dim=1)
+    elif mode == "gm":
+        weights = sizes if alpha_by == "elements" else torch.ones_like(sizes)
+        mask = top_alpha_mask(cos, weights, alpha)
+        m = mask.to(k.dtype)
+        c = torch.stack([m, m * a, zero, zero], dim=1)
+    elif mode == "ft":
+        mask = torch.ones_like(k, dtype=torch.bool)
+        c = torch.stack([one, zero, zero, zero], dim=1)
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    nonfinite = ~torch.isfinite(stats).all(dim=1)
+    skipped = nonfinite.any()
+    if skip_nonfinite:
+        identity = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=c.dtype, device=c.device)
+        c = torch.where(skipped, identity.expand_as(c), c)
+    f32 = torch.float32
+    return Coefficients(
+        coeffs=c.to(f32).contiguous(),
+        cos=cos.to(f32),
+        k=k.to(f32),
+        s_theta=s_t.to(f32),
+        s_phi=s_p.to(f32),
+        mask=mask,
+        nonfinite=nonfinite,
+        skipped=skipped,
+    )
