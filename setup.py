@@ -27,10 +27,34 @@ def _sources(pattern: str) -> list[str]:
 def _want_cuda() -> bool:
     if os.environ.get("MDGD_SKIP_CUDA_BUILD", "0") not in ("", "0"):
         return False
+    import re
+    import subprocess
+
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    return bool(torch.version.cuda) and CUDA_HOME is not None
+    if not torch.version.cuda or CUDA_HOME is None:
+        return False
+    # BuildExtension aborts the whole install (not only this optional extension)
+    # when nvcc's CUDA major differs from torch's, so check first and fall back
+    # to the CPU kernels with a message instead.
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc")
+    try:
+        version = subprocess.run(
+            [nvcc, "--version"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"mdgd: {nvcc} does not run ({exc}); building without the CUDA kernels")
+        return False
+    found = re.search(r"release (\d+)\.", version)
+    if found and found.group(1) != torch.version.cuda.split(".")[0]:
+        print(
+            f"mdgd: nvcc at {nvcc} is CUDA {found.group(1)}.x but torch was built with CUDA "
+            f"{torch.version.cuda}; building without the CUDA kernels (point CUDA_HOME at a "
+            "toolkit with the same major version to get them)"
+        )
+        return False
+    return True
 
 
 def _extensions() -> tuple[list, dict]:
@@ -40,7 +64,9 @@ def _extensions() -> tuple[list, dict]:
         print("mdgd: torch is not installed; building without the C++ extension")
         return [], {}
 
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: cpp_extension adds the one the installed torch needs (C++20 for
+    # torch 2.13), the same for the .cpp and .cu files of this one library.
+    cxx_flags = ["-O3", "-fopenmp"]
     if os.uname().machine in ("x86_64", "AMD64"):
         # Dispatch to AVX2/AVX-512 happens inside ATen's vectorised types at run
         # time only for ATen itself; our kernels are compiled for AVX2+FMA, which
@@ -55,12 +81,19 @@ def _extensions() -> tuple[list, dict]:
     }
     if _want_cuda():
         sources += _sources("csrc/cuda/*.cu")
-        kwargs["extra_compile_args"]["nvcc"] = [
-            "-O3",
-            "-std=c++17",
-            "-gencode=arch=compute_80,code=sm_80",
-            "-gencode=arch=compute_90,code=sm_90",
-        ]
+        # No -std here: cpp_extension adds the one the installed torch needs
+        # (C++20 for torch 2.13, whose headers use C++20 features). No fast-math:
+        # segment_combine_ reproduces the torch backend's float32 bits.
+        nvcc_flags = ["-O3", "-Xptxas=-warn-spills"]
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            # A100 and H100 SASS, plus sm_90 PTX so newer GPUs JIT instead of
+            # failing with "no kernel image". TORCH_CUDA_ARCH_LIST overrides.
+            nvcc_flags += [
+                "-gencode=arch=compute_80,code=sm_80",
+                "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90",
+            ]
+        kwargs["extra_compile_args"]["nvcc"] = nvcc_flags
         kwargs["define_macros"] = [("MDGD_WITH_CUDA", "1")]
         ext = CUDAExtension("mdgd_kernels._C", sources, **kwargs)
     else:

@@ -78,7 +78,25 @@ def _cached(sizes: tuple[int, ...], device: torch.device, chunk: int) -> Segment
     )
 
 
-@torch.compiler.disable  # host-side cache; pass a prebuilt layout into compiled code
+def _not_compiled(fn):
+    """``torch.compiler.disable(fn)``, applied at the first call.
+
+    Decorating at import time would import ``torch._dynamo``, which imports
+    triton: ``import mdgd_kernels`` must stay lean (no triton, no CUDA).
+    """
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
+
+
+@_not_compiled  # host-side cache; pass a prebuilt layout into compiled code
 def get_layout(
     sizes: Sequence[int] | SegmentLayout, device: torch.device | str, chunk: int = CHUNK
 ) -> SegmentLayout:

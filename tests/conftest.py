@@ -12,7 +12,12 @@ import os
 import pytest
 import torch
 
-from mdgd.reference import ReferenceResult, reference_direction, reference_gram
+from mdgd.reference import (
+    ReferenceResult,
+    reference_direction,
+    reference_gram,
+    reference_top_alpha,
+)
 
 # One tolerance table for every op test: relative to the scale of the terms of
 # each segment. The direction is computed in float32 and rounded once to the
@@ -23,7 +28,8 @@ TOL = {
     torch.bfloat16: 1.6e-2,
 }
 STATS_RTOL = 2e-5  # statistics: relative to sqrt(a.a * b.b), every dtype (inputs are exact in fp32)
-COS_ATOL = 1e-4
+COS_ATOL = 1e-4  # cos of a well-conditioned segment; see cos_tolerance for the rest
+U32 = 2.0**-24  # float32 unit roundoff: the statistics are float32 (spec section 3)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -100,6 +106,59 @@ def assert_direction_close(d: torch.Tensor, ref: ReferenceResult, bufs, sizes) -
         f"{torch.nonzero(bad)[:3].flatten().tolist()}: got {got[bad][:3].tolist()} "
         f"want {ref.direction[bad][:3].tolist()}"
     )
+
+
+def cos_tolerance(ref: ReferenceResult, sizes) -> torch.Tensor:
+    """Per-segment bound on |cos - cos_oracle| for cos computed from float32 statistics.
+
+    The projected norms are differences, ``|gbar|^2 = g.g - s*g.h``: when g is
+    nearly parallel to h (``kappa = g.g / |gbar|^2`` large; it happens in short
+    segments), the float32 rounding of the statistics, ``u`` relative, becomes
+    ``u * kappa`` relative in ``|gbar|^2`` and so in ``cos``. Every statistic
+    enters ``gbar_theta . gbar_phi`` through terms bounded by
+    ``sqrt(gt.gt * gp.gp)`` (Cauchy-Schwarz), hence the ``sqrt(kt * kp)`` term.
+    ``u`` grows with the length summed (log2 n: blocked float32 sums).
+    """
+    st = ref.stats
+    nbt = (st[:, 0] - _ratio(st[:, 1], st[:, 2]) * st[:, 1]).clamp(min=0)
+    nbp = (st[:, 3] - _ratio(st[:, 4], st[:, 5]) * st[:, 4]).clamp(min=0)
+    kt = _ratio(st[:, 0], nbt).clamp(min=1)
+    kp = _ratio(st[:, 3], nbp).clamp(min=1)
+    n = torch.tensor([max(int(s), 2) for s in sizes], dtype=torch.float64)
+    u = 4 * U32 * torch.log2(n)
+    return COS_ATOL + u * (kt + kp + 4 * (kt * kp).sqrt())
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1.0, den))
+
+
+def assert_cos_close(cos: torch.Tensor, ref: ReferenceResult, sizes) -> None:
+    got = cos.to(torch.float64).cpu()
+    tol = cos_tolerance(ref, sizes)
+    bad = (got - ref.cos).abs() > tol
+    assert not bad.any(), (
+        f"cos differs from the oracle at segments {torch.nonzero(bad).flatten()[:5].tolist()}: "
+        f"got {got[bad][:5].tolist()} want {ref.cos[bad][:5].tolist()} "
+        f"(tolerance {tol[bad][:5].tolist()})"
+    )
+
+
+def assert_mask_matches(res, ref: ReferenceResult, sizes, alpha: float, alpha_by: str) -> None:
+    """The top-alpha mask, exactly.
+
+    It must be the spec's rule applied to the backend's own ``cos`` (compared
+    bit for bit), and equal to the oracle's mask on every segment whose oracle
+    ``cos`` is farther from the oracle's threshold than its cos tolerance (an
+    ill-conditioned segment next to the threshold may rank either way).
+    """
+    weights = list(sizes) if alpha_by == "elements" else [1] * len(sizes)
+    mask = res.mask.cpu()
+    own = reference_top_alpha(res.cos.to(torch.float64).cpu(), weights, alpha)
+    assert torch.equal(mask, own), "the mask does not follow the top-alpha rule on its own cos"
+    threshold = ref.cos[ref.mask].min()
+    clear = (ref.cos - threshold).abs() > cos_tolerance(ref, sizes)
+    assert torch.equal(mask[clear], ref.mask[clear]), "top-alpha masks differ from the oracle"
 
 
 def oracle(bufs, sizes, **kw) -> ReferenceResult:

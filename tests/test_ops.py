@@ -14,10 +14,11 @@ import pytest
 import torch
 from conftest import (
     CASES,
-    COS_ATOL,
     DTYPE_IDS,
     DTYPES,
+    assert_cos_close,
     assert_direction_close,
+    assert_mask_matches,
     assert_stats_close,
     make_buffers,
     oracle,
@@ -61,9 +62,9 @@ def _run(bufs, sizes, backend, **kw):
 
 def _check_result(d, res, ref, bufs, sizes, kw):
     assert_direction_close(d, ref, bufs, sizes)
-    torch.testing.assert_close(res.cos.double(), ref.cos, atol=COS_ATOL, rtol=0)
+    assert_cos_close(res.cos, ref, sizes)
     if kw.get("mode") == "gm":
-        assert torch.equal(res.mask.cpu(), ref.mask), "top-alpha masks differ"
+        assert_mask_matches(res, ref, sizes, kw["alpha"], kw.get("alpha_by", "elements"))
     assert bool(res.skipped) == ref.skipped
 
 
