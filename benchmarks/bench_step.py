@@ -1,0 +1,333 @@
+"""Step benchmark: one training step of a small LLaVA, plain fine-tuning vs MDGD.
+
+    python benchmarks/bench_step.py                 # default small LLaVA, CPU or CUDA
+    python benchmarks/bench_step.py --text-layers 8 --trainable-layers 8 --batch-size 8
+
+Rows (each in fresh subprocesses, so that its peak memory is its own; with
+``--rounds`` > 1 the rows alternate, so a shared host's noise spreads over all):
+
+* ``ft``: ``MDGDEngine`` in ``mode="ft"``: one forward/backward of theta, the
+  optimizer step (what plain fine-tuning costs);
+* ``mdgd``: MDGD with the fused op (``mdgd_kernels.mdgd_direction_``, the
+  automatic backend: C++ on CPU, Triton/CUDA on GPUs);
+* ``mdgd-per-tensor``: MDGD with the per-tensor reference op a user writes by
+  hand (``mdgd.reference.per_tensor_direction_``, a Python loop of float32
+  ``torch.dot``/``add_`` per parameter, a host sync per tensor);
+* ``mdgd-recompute``: MDGD that recomputes both forwards for the ``L_v``
+  backward instead of retaining the graph of the first backward (the design
+  question "retain or recompute?", answered by measurement).
+
+Every MDGD row runs two forwards (theta and phi), ``backward(L_vl(theta) +
+L_vl(phi))`` into the ``g`` buffers and ``backward(L_v)`` into the ``h`` buffers,
+then the op and AdamW. Reported per row: samples/s (batch / median step time),
+the median step time with its 20th/80th percentiles, the split of the median
+step into forward+backward, direction (op) and optimizer, the peak memory, and
+ratios against ``ft`` and against the fused ``mdgd`` row.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps;
+on CPU the process's peak resident set size (``ru_maxrss``: models, optimizer
+state, buffers, activations and the Python/torch runtime, which every row pays
+alike). Caveats: CPU timings on a shared machine are noisy (the percentiles
+show it); the model is small, so the op is a small share of the step: the op's
+own speed is measured by ``benchmarks/bench_ops.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mdgd.bench import _machine, _sync
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tiny-LLaVA builder shared with the tests
+
+MODES = ("ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute")
+
+
+# ---------------------------------------------------------------------- engine variants
+
+
+def engine_class(mode: str):
+    from mdgd import MDGDEngine
+    from mdgd.reference import per_tensor_direction_
+    from mdgd.visual import visual_l1
+
+    if mode in ("ft", "mdgd"):
+        return MDGDEngine
+
+    if mode == "mdgd-per-tensor":
+
+        class PerTensor(MDGDEngine):
+            """The fused op replaced by the per-tensor loop; no statistics reported."""
+
+            def _direction_mdgd(self, n):
+                per_tensor_direction_(
+                    self.theta.views["g"],
+                    self.theta.views["h"],
+                    self.phi.views["g"],
+                    self.phi.views["h"],
+                    align=self.config.align,
+                )
+                if n > 1:
+                    self.theta.buffers["g"].mul_(1.0 / n)
+                nan = torch.full((6,), math.nan, device=self.device, dtype=torch.float64)
+                nan[2], nan[5] = 1.0, 0.0  # selected_fraction, skipped
+                figs = torch.cat([self._loss_sums.double() / n, nan])
+                return figs, torch.empty(0, device=self.device)
+
+        return PerTensor
+
+    class Recompute(MDGDEngine):
+        """backward(L_vl) frees its graph; L_v is recomputed by two more forwards."""
+
+        def _backward_mdgd(self, batch):
+            out_t, out_p = self.model(**batch), self.ref_model(**batch)
+            self.theta.point("g")
+            self.phi.point("g")
+            (out_t.loss + out_p.loss).backward()
+            kw = {**self.visual.forward_kwargs, "logits_to_keep": 1}
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            z_t, mask = self.visual(self.model, batch, self.model(**inputs, **kw))
+            z_p, _ = self.visual(self.ref_model, batch, self.ref_model(**inputs, **kw))
+            loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
+            self.theta.point("h")
+            self.phi.point("h")
+            loss_v.backward()
+            losses = torch.stack([out_t.loss.detach(), out_p.loss.detach(), loss_v.detach()])
+            self._loss_sums += losses.float()
+            return losses[0]
+
+    return Recompute
+
+
+# ---------------------------------------------------------------------- one row (worker)
+
+
+def _p20_p80(xs: list[float]) -> tuple[float, float]:
+    """20th and 80th percentiles, as ``mdgd.bench`` reports them."""
+    q = statistics.quantiles(xs, n=5, method="inclusive") if len(xs) > 1 else xs * 4
+    return q[0], q[3]
+
+
+def worker(args: argparse.Namespace) -> dict:
+    from llava_tiny import perturbed_copy, random_batch, tiny_llava
+
+    from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    size = dict(
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        vision_hidden=args.vision_hidden,
+        vision_layers=args.vision_layers,
+        text_hidden=args.text_hidden,
+        text_layers=args.text_layers,
+        heads=args.heads,
+        vocab_size=args.vocab_size,
+    )
+    ref = tiny_llava(seed=0, dtype=dtype, **size).to(device)
+    theta = perturbed_copy(ref, seed=1)
+    algo = "ft" if args.mode == "ft" else "mdgd"
+    if algo == "ft":
+        del ref
+        ref = None
+    patterns = llava_trainable_patterns(theta, args.trainable_layers)
+    cfg = MDGDConfig(mode=algo, trainable=patterns)
+    mark_trainable(theta, patterns)  # before the optimizer is built
+    opt = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-5)
+    engine = engine_class(args.mode)(theta, ref, opt, cfg)
+    batches = [
+        random_batch(theta.config, args.batch_size, args.text_len, seed=i, device=device)
+        for i in range(4)
+    ]
+    if dtype != torch.float32:
+        for b in batches:
+            b["pixel_values"] = b["pixel_values"].to(dtype)
+
+    total, fwd_bwd, direction, optim = [], [], [], []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batch = batches[i % len(batches)]
+        _sync(device)
+        t0 = time.perf_counter()
+        engine.backward(batch)
+        _sync(device)
+        t1 = time.perf_counter()
+        engine.compute_direction()
+        _sync(device)
+        t2 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            total.append(t3 - t0)
+            fwd_bwd.append(t1 - t0)
+            direction.append(t2 - t1)
+            optim.append(t3 - t2)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return {
+        "mode": args.mode,
+        "times": {"step": total, "fwd_bwd": fwd_bwd, "direction": direction, "optimizer": optim},
+        "peak_mem_mb": peak / 2**20,
+        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS",
+        "trainable_params": sum(p.numel() for p in engine.theta.params),
+        "trainable_tensors": len(engine.theta.params),
+        "total_params": sum(p.numel() for p in theta.parameters()),
+        "image_tokens": (args.image_size // args.patch_size) ** 2,
+    }
+
+
+def summarise(runs: list[dict], batch_size: int) -> dict:
+    """One row from the runs of one mode: medians over all their timed steps."""
+    times = {k: [t for r in runs for t in r["times"][k]] for k in runs[0]["times"]}
+    med = statistics.median(times["step"])
+    p20, p80 = _p20_p80(times["step"])
+    row = {k: v for k, v in runs[0].items() if k != "times"}
+    row.update(
+        samples_per_s=batch_size / med,
+        step_ms=1e3 * med,
+        step_ms_p20=1e3 * p20,
+        step_ms_p80=1e3 * p80,
+        fwd_bwd_ms=1e3 * statistics.median(times["fwd_bwd"]),
+        direction_ms=1e3 * statistics.median(times["direction"]),
+        optimizer_ms=1e3 * statistics.median(times["optimizer"]),
+        peak_mem_mb=max(r["peak_mem_mb"] for r in runs),
+        steps_timed=len(times["step"]),
+        step_ms_all=[1e3 * t for t in times["step"]],
+    )
+    return row
+
+
+# ---------------------------------------------------------------------- driver
+
+
+def table(rows: list[dict]) -> str:
+    by = {r["mode"]: r for r in rows}
+    head = [
+        "mode",
+        "samples/s",
+        "step ms (p20-p80)",
+        "fwd+bwd ms",
+        "direction ms",
+        "optim ms",
+        "peak MB",
+        "vs ft",
+        "vs fused",
+    ]
+    body = []
+    for r in rows:
+        vs_ft = by["ft"]["step_ms"] / r["step_ms"] if "ft" in by else math.nan
+        vs_fused = by["mdgd"]["step_ms"] / r["step_ms"] if "mdgd" in by else math.nan
+        body.append(
+            [
+                r["mode"],
+                f"{r['samples_per_s']:.2f}",
+                f"{r['step_ms']:.1f} ({r['step_ms_p20']:.1f}-{r['step_ms_p80']:.1f})",
+                f"{r['fwd_bwd_ms']:.1f}",
+                f"{r['direction_ms']:.2f}",
+                f"{r['optimizer_ms']:.2f}",
+                f"{r['peak_mem_mb']:.0f}",
+                f"{vs_ft:.2f}x",
+                f"{vs_fused:.2f}x",
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [head, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per row and round")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per row, alternated")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--text-len", type=int, default=64, help="text tokens after the image")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--vision-hidden", type=int, default=128)
+    p.add_argument("--vision-layers", type=int, default=2)
+    p.add_argument("--text-hidden", type=int, default=256)
+    p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=1000)
+    p.add_argument("--trainable-layers", type=int, default=4, help="last N text layers + projector")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
+    p.add_argument("--mode", help=argparse.SUPPRESS)  # worker
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse(argv)
+    if args.mode:  # worker process: one row as JSON on stdout
+        print(json.dumps(worker(args)))
+        return []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES}")
+    base = list(argv if argv is not None else sys.argv[1:])
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(args.rounds):  # rounds alternate the rows, spreading a shared host's noise
+        for mode in modes:
+            cmd = [sys.executable, __file__, *base, "--mode", mode]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"row {mode} failed:\n{out.stderr[-4000:]}")
+            runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{args.rounds} {mode}: done", file=sys.stderr)
+    rows = [summarise(runs[m], args.batch_size) for m in modes]
+    machine = _machine(torch.device(args.device))  # device, cpu, gpu, threads, commit, time
+    if args.threads:
+        machine["threads"] = args.threads
+    r0 = rows[0]
+    print(
+        f"small LLaVA: {r0['total_params'] / 1e6:.2f}M parameters, "
+        f"{r0['trainable_params'] / 1e6:.2f}M trainable in {r0['trainable_tensors']} tensors, "
+        f"{r0['image_tokens']} image tokens, batch {args.batch_size}, {args.dtype}; "
+        f"{machine.get('gpu', machine['cpu'])}, {machine['cores']} cores, "
+        f"{machine['threads']} threads"
+    )
+    print(table(rows))
+    record = {
+        "benchmark": "bench_step",
+        "machine": machine,
+        "args": {k: v for k, v in vars(args).items() if k != "mode"},
+        "rows": rows,
+    }
+    stamp = machine["time"].replace(":", "").replace("-", "")[:15]
+    default = ROOT / "benchmarks" / "results" / f"bench_step-{args.device}-{stamp}.json"
+    out = Path(args.out) if args.out else default
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"saved {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

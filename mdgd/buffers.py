@@ -1,0 +1,95 @@
+"""Flat gradient buffers whose views are the parameters' ``.grad``.
+
+One :class:`FlatGrads` holds, for one list of parameters, a few named flat 1-D
+buffers (``"g"`` and ``"h"``) in the parameters' dtype, allocated once. Each
+buffer is cut into one view per parameter (same shape). Before a backward call
+:meth:`FlatGrads.point` assigns ``p.grad = view`` for every parameter: autograd
+then accumulates into the existing ``.grad`` in place (``grad += new``), i.e.
+straight into the flat buffer, with no copy and no concatenation. The buffers
+are exactly what the fused op reads (``mdgd_kernels.mdgd_direction_``).
+
+:func:`segment_layout` cuts the same flat space into the op's segments for a
+granularity (``"tensor"``, ``"global"``, ``"block:K"``); it is built once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class FlatGrads:
+    """Named flat gradient buffers for ``params`` and their per-parameter views."""
+
+    def __init__(
+        self, names: Sequence[str], params: Sequence[nn.Parameter], kinds: Sequence[str]
+    ) -> None:
+        if not params:
+            raise ValueError("FlatGrads needs at least one parameter")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            by = {(p.dtype, p.device): n for n, p in zip(names, params)}
+            raise ValueError(
+                "all trainable parameters must share one dtype and device (one flat buffer "
+                f"per gradient); found {sorted(str(k) for k in by)}, e.g. "
+                + ", ".join(f"{n}: {k[0]} on {k[1]}" for k, n in by.items())
+            )
+        self.names = list(names)
+        self.params = list(params)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.sizes = [p.numel() for p in params]
+        self.numel = sum(self.sizes)
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.views: dict[str, list[torch.Tensor]] = {}
+        for kind in kinds:
+            buf = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+            self.buffers[kind] = buf
+            self.views[kind] = [
+                v.view(p.shape) for v, p in zip(torch.split(buf, self.sizes), self.params)
+            ]
+
+    def point(self, kind: str) -> None:
+        """``p.grad = view`` of buffer ``kind`` for every parameter (the next backward adds)."""
+        for p, v in zip(self.params, self.views[kind]):
+            p.grad = v
+
+    def detach_grads(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def zero_(self) -> None:
+        for buf in self.buffers.values():
+            buf.zero_()
+
+
+@dataclass(frozen=True)
+class Segments:
+    """The op's segmentation of a flat buffer, with a name and an owner per segment."""
+
+    sizes: list[int]
+    names: list[str]
+    param_index: list[int]  # owning parameter of every segment (-1: several, for "global")
+
+
+def segment_layout(
+    names: Sequence[str], sizes: Sequence[int], block: int | None, granularity: str
+) -> Segments:
+    """Segments for ``granularity``: one per tensor, one for all, or blocks of ``block``."""
+    if granularity == "tensor":
+        return Segments(list(sizes), list(names), list(range(len(sizes))))
+    if granularity == "global":
+        return Segments([sum(sizes)], [f"all {len(sizes)} trainable parameters"], [-1])
+    seg_sizes, seg_names, owner = [], [], []
+    for i, (name, n) in enumerate(zip(names, sizes)):
+        full, rest = divmod(n, block)
+        parts = [block] * full + ([rest] if rest else [])
+        for b, s in enumerate(parts):
+            seg_sizes.append(s)
+            seg_names.append(f"{name}[block {b} of {len(parts)}]")
+            owner.append(i)
+    return Segments(seg_sizes, seg_names, owner)

@@ -1,0 +1,188 @@
+"""MDGDConfig and the choice of trainable parameters.
+
+    config = MDGDConfig(mode="mdgd", trainable=llava_trainable_patterns(model, num_layers=6))
+
+``trainable`` is a list of regular expressions over parameter names
+(``re.search``); a parameter is trainable when one of them matches.
+:func:`llava_trainable_patterns` writes the paper's setting (the last N
+language-model layers plus the multimodal projector, Model Tailor's protocol).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+MODES = ("mdgd", "gm", "ft")
+ALPHA_BY = ("elements", "segments")
+NONFINITE = ("raise", "skip")
+
+# transformers 5 names of the LLaVA submodules (LlavaForConditionalGeneration)
+LLAVA_LAYERS = "model.language_model.layers"
+LLAVA_PROJECTOR = "model.multi_modal_projector"
+
+
+@dataclass(frozen=True)
+class MDGDConfig:
+    """What one MDGD step computes (spec sections 1 and 5-7).
+
+    Args:
+        mode: ``"mdgd"`` (Eq. 10), ``"gm"`` (MDGD-GM, Eq. 12) or ``"ft"`` (plain
+            fine-tuning: one forward/backward of theta, no reference model).
+        align: keep the visual-alignment gradient ``h_theta`` in the update
+            (False is the paper's "w/o visual align").
+        alpha: fraction in (0, 1] of trainable elements (or segments) ``gm`` updates.
+        alpha_by: ``"elements"`` or ``"segments"``: what ``alpha`` counts.
+        visual_weight: scale of ``L_v`` (Eq. 6).
+        granularity: the segments the projections are computed on: ``"tensor"``
+            (one per parameter), ``"global"`` (one for all) or ``"block:K"``
+            (every parameter cut into blocks of K elements).
+        nonfinite: ``"raise"`` (FloatingPointError naming the parameter) or
+            ``"skip"`` (leave every parameter unchanged this step).
+        trainable: regular expressions over parameter names, or None to keep the
+            models' own ``requires_grad`` flags.
+        backend: the op backend (``None``: automatic; see ``mdgd_kernels``).
+        eps: relative threshold under which a projected norm is degenerate.
+    """
+
+    mode: str = "mdgd"
+    align: bool = True
+    alpha: float = 0.1
+    alpha_by: str = "elements"
+    visual_weight: float = 1.0
+    granularity: str = "tensor"
+    nonfinite: str = "raise"
+    trainable: Sequence[str] | None = None
+    backend: str | None = None
+    eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.alpha_by not in ALPHA_BY:
+            raise ValueError(f"alpha_by must be one of {ALPHA_BY}, got {self.alpha_by!r}")
+        if self.nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        if not 0.0 < float(self.alpha) <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if not float(self.visual_weight) >= 0.0:
+            raise ValueError(f"visual_weight must be >= 0, got {self.visual_weight}")
+        _ = self.block_size  # validates granularity
+        if self.trainable is not None:
+            if isinstance(self.trainable, str):
+                raise ValueError(
+                    f"trainable must be a list of regular expressions, got the string "
+                    f"{self.trainable!r}; wrap it in a list"
+                )
+            object.__setattr__(self, "trainable", tuple(self.trainable))
+            for pat in self.trainable:
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ValueError(f"trainable pattern {pat!r} is not a regex: {e}") from e
+
+    @property
+    def block_size(self) -> int | None:
+        """K of ``"block:K"``; None for ``"tensor"`` and ``"global"``."""
+        g = self.granularity
+        if g in ("tensor", "global"):
+            return None
+        if g.startswith("block:"):
+            try:
+                k = int(g[len("block:") :])
+            except ValueError:
+                k = 0
+            if k > 0:
+                return k
+        raise ValueError(
+            f"granularity must be 'tensor', 'global' or 'block:K' with K a positive integer, "
+            f"got {g!r}"
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["trainable"] is not None:
+            d["trainable"] = list(d["trainable"])
+        return d
+
+
+def mark_trainable(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, nn.Parameter]]:
+    """Set ``requires_grad`` True on parameters whose name matches a pattern, False elsewhere.
+
+    Returns the trainable ``(name, parameter)`` pairs in ``named_parameters`` order.
+    Raises ValueError when no parameter matches.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    regexes = [re.compile(p) for p in patterns]
+    chosen = []
+    for name, p in model.named_parameters():
+        hit = any(r.search(name) for r in regexes)
+        p.requires_grad_(hit)
+        if hit:
+            chosen.append((name, p))
+    if not chosen:
+        names = [n for n, _ in model.named_parameters()]
+        sample = ", ".join(names[:3] + (["..."] if len(names) > 4 else []) + names[-1:])
+        raise ValueError(
+            f"no parameter of {type(model).__name__} matches the trainable patterns "
+            f"{list(patterns)}; its parameter names look like: {sample}"
+        )
+    return chosen
+
+
+def _find_module_name(model: nn.Module, suffix: str, kind: type | None = None) -> str | None:
+    hits = [
+        n
+        for n, m in model.named_modules()
+        if (n == suffix or n.endswith("." + suffix)) and (kind is None or isinstance(m, kind))
+    ]
+    return min(hits, key=len) if hits else None
+
+
+def llava_trainable_patterns(model_or_config, num_layers: int, projector: bool = True) -> list[str]:
+    """The paper's trainable set: the last ``num_layers`` language-model layers (+ projector).
+
+    ``model_or_config`` is a LLaVA-style model (its module names are looked up:
+    ``...language_model.layers`` and ``...multi_modal_projector``) or its config
+    (``text_config.num_hidden_layers``; transformers 5 LLaVA names are assumed).
+    The final norm and ``lm_head`` stay frozen, as in Model Tailor's protocol.
+    """
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+        layers = _find_module_name(model, "language_model.layers", nn.ModuleList)
+        if layers is None:
+            raise ValueError(
+                f"{type(model).__name__} has no '...language_model.layers' ModuleList; "
+                "write the trainable patterns by hand"
+            )
+        total = len(model.get_submodule(layers))
+        proj = _find_module_name(model, "multi_modal_projector")
+        if projector and proj is None:
+            raise ValueError(
+                f"{type(model).__name__} has no 'multi_modal_projector'; pass projector=False "
+                "or add the projector's pattern by hand"
+            )
+    else:
+        cfg = getattr(model_or_config, "text_config", model_or_config)
+        total = getattr(cfg, "num_hidden_layers", None)
+        if total is None:
+            raise ValueError(
+                f"{type(model_or_config).__name__} has no text_config.num_hidden_layers; "
+                "pass the model instead"
+            )
+        layers, proj = LLAVA_LAYERS, LLAVA_PROJECTOR
+    if not isinstance(num_layers, int) or not 0 <= num_layers <= total:
+        raise ValueError(f"num_layers must be an integer in [0, {total}], got {num_layers!r}")
+    patterns = []
+    if num_layers:
+        ids = "|".join(str(i) for i in range(total - num_layers, total))
+        patterns.append(rf"^{re.escape(layers)}\.({ids})\.")
+    if projector:
+        patterns.append(rf"^{re.escape(proj)}\.")
+    if not patterns:
+        raise ValueError("num_layers=0 and projector=False select nothing")
+    return patterns

@@ -1,0 +1,523 @@
+"""MDGDEngine: one optimizer step of Algorithm 1 with two models and four flat buffers.
+
+    engine = MDGDEngine(model, ref_model, optimizer, MDGDConfig(mode="mdgd"))
+    figures = engine.step(batch)                  # or: engine.backward(mb) per micro-batch,
+                                                  #     then engine.step()
+
+Per micro-batch (spec section 1):
+
+1. forward theta and phi (``ref_model``) on the batch with hidden states; ``L_vl``
+   of each from the labels, ``L_v = visual_weight * mean|pi_phi - pi_theta|`` over
+   the image tokens (:mod:`mdgd.visual`);
+2. every trainable ``.grad`` of theta and phi is pointed at a view of its ``g``
+   buffer and ``(L_vl(theta) + L_vl(phi)).backward(retain_graph=True)`` fills
+   ``g_theta`` and ``g_phi`` (their parameters are disjoint);
+3. the ``.grad`` are pointed at the ``h`` buffers and ``L_v.backward()`` fills
+   ``h_theta`` and ``h_phi``.
+
+Micro-batches accumulate in place. At the step the fused op
+``mdgd_kernels.mdgd_direction_`` runs once on the accumulated buffers (cached
+layout), writing the direction into ``g_theta``; theta's ``.grad`` are pointed
+back at the ``g`` views (``None`` for parameters MDGD-GM masks out) and the
+optimizer steps. The micro-batches are weighted equally: the direction is
+divided by their number (the op is homogeneous of degree 1 in a common scale of
+the four gradients, so this equals running it on the mean gradients).
+
+Host synchronisation: one per step (all figures, and MDGD-GM's mask, come back
+in one transfer), plus one per micro-batch to check for image tokens only when
+``input_ids`` already live on an accelerator.
+
+``mode="ft"`` costs what plain fine-tuning costs: one forward and one backward
+of theta into the ``g`` buffer, no reference model, no ``h`` buffers, no op;
+``loss_ref``, ``loss_v`` and the cosine figures are reported as NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+import mdgd_kernels
+
+from .buffers import FlatGrads, Segments, segment_layout
+from .config import MDGDConfig, mark_trainable
+from .visual import ImageTokenHidden, VisualHook, visual_l1
+
+FIGURES = (
+    "loss",
+    "loss_ref",
+    "loss_v",
+    "cos_mean",
+    "cos_std",
+    "selected_fraction",
+    "conflict_cos_mean",
+    "conflict_fraction",
+    "skipped",
+)
+"""Keys of the dict :meth:`MDGDEngine.step` returns (all floats):
+
+* ``loss``, ``loss_ref``: ``L_vl`` of theta and of phi (mean over micro-batches);
+* ``loss_v``: ``L_v`` (Eq. 6, with ``visual_weight``);
+* ``cos_mean``, ``cos_std``: mean and standard deviation over segments of
+  ``cos(gbar_theta, gbar_phi)`` (Eq. 11);
+* ``selected_fraction``: fraction of trainable elements updated (< 1 only in ``gm``);
+* ``conflict_cos_mean``: mean over parameters of ``cos(g_theta, h_theta)``, the
+  modality gradient conflict (MoDE, Definition 1); parameters off the visual path
+  (``h_theta == 0``) are left out; NaN when there is none (e.g. ``theta == phi``);
+* ``conflict_fraction``: fraction of those parameters with a negative cosine;
+* ``skipped``: 1.0 when the step was skipped for non-finite gradients.
+"""
+
+
+class MDGDEngine:
+    """MDGD training driver for two models of one architecture (plain PyTorch).
+
+    Args:
+        model: theta, the model being trained.
+        ref_model: phi, the frozen pre-trained model (same architecture, separate
+            parameters). Never updated and never in the optimizer; only the
+            parameters with theta's trainable names get gradients. Put in eval
+            mode. May be None for ``mode="ft"``.
+        optimizer: steps theta's trainable parameters (None: use
+            :meth:`compute_direction` and step yourself, as the HF Trainer does).
+        config: :class:`MDGDConfig`. When ``config.trainable`` is set it is applied
+            to both models (``mark_trainable``); otherwise theta's parameters with
+            ``requires_grad`` are trained and phi's flags are set to match.
+        visual: the visual-representation hook (default :class:`ImageTokenHidden`).
+        scaler: a ``torch.amp.GradScaler`` for fp16 autocast. All four gradients are
+            scaled by the same factor (the direction is linear in it, the cosines
+            are invariant); non-finite steps are then skipped and the scale backed
+            off, as GradScaler does, whatever ``config.nonfinite`` says.
+        lr_scheduler: stepped once per :meth:`step` (and saved by checkpoints).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        ref_model: nn.Module | None,
+        optimizer: torch.optim.Optimizer | None,
+        config: MDGDConfig | None = None,
+        *,
+        visual: VisualHook | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        lr_scheduler: Any = None,
+    ) -> None:
+        self.config = cfg = config if config is not None else MDGDConfig()
+        self.model = model
+        self.ref_model = ref_model if cfg.mode != "ft" else None
+        if cfg.mode != "ft" and ref_model is None:
+            raise ValueError(f"mode={cfg.mode!r} needs ref_model (the frozen pre-trained model)")
+        self.optimizer = optimizer
+        self.visual = visual if visual is not None else ImageTokenHidden()
+        self.scaler = scaler
+        self.lr_scheduler = lr_scheduler
+        self.step_count = 0
+
+        _reject_distributed(model)
+        if self.ref_model is not None:
+            _reject_distributed(self.ref_model)
+            _check_same_architecture(model, self.ref_model)
+        named = self._trainable(model)
+        names = [n for n, _ in named]
+        kinds = ("g",) if cfg.mode == "ft" else ("g", "h")
+        self.theta = FlatGrads(names, [p for _, p in named], kinds)
+        self.phi: FlatGrads | None = None
+        if cfg.mode != "ft":
+            self.phi = FlatGrads(names, _matching_params(model, ref_model, named), kinds)
+            ref_model.eval()
+        if optimizer is not None:
+            self._check_optimizer(optimizer)
+
+        self.device = self.theta.device
+        self.segments: Segments = segment_layout(
+            names, self.theta.sizes, cfg.block_size, cfg.granularity
+        )
+        self.layout = mdgd_kernels.get_layout(self.segments.sizes, self.device)
+        # "global" has one segment owned by every parameter: its figures stay per segment
+        self._global = cfg.granularity == "global"
+        self._owner = torch.tensor(
+            self.segments.param_index if not self._global else [0],
+            dtype=torch.int64,
+            device=self.device,
+        )
+
+        self.last_result: mdgd_kernels.MDGDResult | None = None
+        self.last_conflict_cos: torch.Tensor | None = None
+        self.last_figures: dict[str, float] | None = None
+        self._reset()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        patterns = self.config.trainable
+        if patterns is not None:
+            named = mark_trainable(model, patterns)
+            if self.ref_model is not None:
+                mark_trainable(self.ref_model, patterns)
+            return named
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(
+                f"{type(model).__name__} has no parameter with requires_grad=True; set "
+                "MDGDConfig(trainable=[...]) (see llava_trainable_patterns) or mark_trainable()"
+            )
+        return named
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if self.ref_model is not None:
+            bad = [n for n, p in self.ref_model.named_parameters() if id(p) in held]
+            if bad:
+                raise ValueError(
+                    f"the optimizer holds {len(bad)} parameter(s) of ref_model (e.g. {bad[0]}); "
+                    "ref_model is frozen: give the optimizer theta's parameters only"
+                )
+        missing = [n for n, p in zip(self.theta.names, self.theta.params) if id(p) not in held]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not hold {len(missing)} trainable parameter(s) of model "
+                f"(e.g. {missing[0]}); build it after marking the trainable parameters, e.g. "
+                "from [p for p in model.parameters() if p.requires_grad]"
+            )
+
+    def _reset(self) -> None:
+        self._micro = 0
+        self._loss_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches accumulated since the last step."""
+        return self._micro
+
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.theta.names)
+
+    # ------------------------------------------------------------------ backward
+
+    def _prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if not isinstance(batch, Mapping):
+            raise ValueError(f"a batch must be a dict of tensors, got {type(batch).__name__}")
+        if batch.get("labels") is None:
+            raise ValueError(
+                "the batch has no 'labels': L_vl needs them (-100 marks ignored tokens)"
+            )
+        if self.config.mode != "ft":
+            self.visual.check(self.model, batch)
+        return {
+            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()
+        }
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def backward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Accumulate one micro-batch's gradients into the buffers (two backward calls).
+
+        Returns ``L_vl(theta)`` of the micro-batch, detached, on the device (no sync).
+        """
+        batch = self._prepare(batch)
+        if self._micro == 0:
+            self.theta.zero_()
+            if self.phi is not None:
+                self.phi.zero_()
+        try:
+            if self.config.mode == "ft":
+                loss = self._backward_ft(batch)
+            else:
+                loss = self._backward_mdgd(batch)
+        except BaseException:
+            self._reset()  # the partial accumulation is discarded
+            raise
+        self._micro += 1
+        return loss
+
+    def _backward_ft(self, batch: dict[str, Any]) -> torch.Tensor:
+        loss = _loss_of(self.model(**batch), "model")
+        self.theta.point("g")
+        self._scaled(loss).backward()
+        loss = loss.detach()
+        self._loss_sums[0] += loss
+        return loss
+
+    def _backward_mdgd(self, batch: dict[str, Any]) -> torch.Tensor:
+        kw = self.visual.forward_kwargs
+        out_t = self.model(**batch, **kw)
+        out_p = self.ref_model(**batch, **kw)
+        loss_t, loss_p = _loss_of(out_t, "model"), _loss_of(out_p, "ref_model")
+        z_t, mask = self.visual(self.model, batch, out_t)
+        z_p, _ = self.visual(self.ref_model, batch, out_p)
+        del out_t, out_p  # the logits are only needed through the graph
+        loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
+
+        self.theta.point("g")
+        self.phi.point("g")
+        self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
+        if loss_v.requires_grad:  # False only when no trainable parameter feeds pi(X^v)
+            self.theta.point("h")
+            self.phi.point("h")
+            self._scaled(loss_v).backward()
+        losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
+        self._loss_sums += losses.float()
+        return losses[0]
+
+    # ------------------------------------------------------------------ the step
+
+    def compute_direction(self) -> dict[str, float]:
+        """Run the fused op once on the accumulated gradients; leave d in theta's ``.grad``.
+
+        Does not step the optimizer (use :meth:`step`, or clip and step yourself).
+        After it, theta's ``.grad`` are views of the ``g_theta`` buffer holding the
+        direction, ``None`` for parameters MDGD-GM masks out, and phi's are None.
+        On a skipped step (``nonfinite="skip"``) theta's ``.grad`` are all None, so
+        an ``optimizer.step()`` leaves every parameter and its moments alone; with a
+        GradScaler they hold an Inf instead, so that the scaler skips and backs off.
+        """
+        if self._micro == 0:
+            raise RuntimeError(
+                "no gradients accumulated: call backward(batch) first, or step(batch)"
+            )
+        cfg = self.config
+        n = self._micro
+        try:
+            if cfg.mode == "ft":
+                figures, selected = self._figures_ft(n)
+            else:
+                figures, selected = self._direction_mdgd(n)
+            values = torch.cat([figures, selected.to(figures.dtype)]).tolist()  # the one sync
+        finally:
+            self._reset()
+        out = dict(zip(FIGURES, values[: len(FIGURES)]))
+        skipped = out["skipped"] != 0.0
+        if skipped and self.scaler is None and cfg.nonfinite == "raise":
+            self._raise_nonfinite(out)
+        self._assign_direction(skipped, values[len(FIGURES) :])
+        self.last_figures = out
+        return out
+
+    def _figures_ft(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n > 1:
+            self.theta.buffers["g"].mul_(1.0 / n)
+        loss = self._loss_sums[0] / n
+        nan = torch.full((), math.nan, device=self.device)
+        one = torch.ones((), device=self.device)
+        skipped = (~torch.isfinite(loss)).float()
+        figs = torch.stack([loss, nan, nan, nan, nan, one, nan, nan, skipped])
+        self.last_result = self.last_conflict_cos = None
+        return figs.double(), torch.empty(0, device=self.device)
+
+    def _direction_mdgd(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        gt, ht = self.theta.buffers["g"], self.theta.buffers["h"]
+        gp, hp = self.phi.buffers["g"], self.phi.buffers["h"]
+        res = mdgd_kernels.mdgd_direction_(
+            gt,
+            ht,
+            gp,
+            hp,
+            self.layout,
+            mode=cfg.mode,
+            alpha=cfg.alpha,
+            align=cfg.align,
+            alpha_by=cfg.alpha_by,
+            nonfinite="skip",  # "raise" is applied after the step's one sync
+            eps=cfg.eps,
+            backend=cfg.backend,
+            names=self.segments.names,
+        )
+        if n > 1:
+            gt.mul_(1.0 / n)
+        self.last_result = res
+
+        # modality gradient conflict per parameter: Gram entries add over a parameter's blocks
+        st = res.stats[:, :3].double()
+        if self._global:
+            per_param = st
+        else:
+            per_param = torch.zeros(
+                len(self.theta.params), 3, dtype=torch.float64, device=self.device
+            )
+            per_param.index_add_(0, self._owner, st)
+        gg, gh, hh = per_param.unbind(1)
+        defined = (gg > 0) & (hh > 0)
+        conflict = torch.where(defined, gh / (gg * hh).clamp_min(1e-300).sqrt(), math.nan)
+        self.last_conflict_cos = conflict.float()
+        n_def = defined.sum()
+        conflict_fraction = ((conflict < 0) & defined).sum() / n_def  # NaN when none is defined
+
+        cos = res.cos.double()
+        sizes = self.layout.sizes_t.double()
+        selected_fraction = (res.mask.double() * sizes).sum() / sizes.sum()
+        figs = torch.cat(
+            [
+                self._loss_sums.double() / n,
+                torch.stack(
+                    [
+                        cos.mean(),
+                        cos.std(correction=0),
+                        selected_fraction,
+                        torch.nanmean(conflict),
+                        conflict_fraction,
+                        res.skipped.double(),
+                    ]
+                ),
+            ]
+        )
+        if cfg.mode != "gm":
+            return figs, torch.empty(0, device=self.device)
+        # a parameter keeps its gradient when any of its segments is selected
+        if self._global:
+            return figs, res.mask.expand(len(self.theta.params))
+        hits = torch.zeros(len(self.theta.params), device=self.device)
+        hits.index_add_(0, self._owner, res.mask.float())
+        return figs, hits > 0
+
+    def _raise_nonfinite(self, figures: dict[str, float]) -> None:
+        for fg in (self.theta, self.phi):
+            if fg is not None:
+                fg.detach_grads()
+        where = f"non-finite loss {figures['loss']}"
+        if self.last_result is not None:
+            bad = torch.nonzero(~torch.isfinite(self.last_result.stats).all(dim=1)).flatten()
+            names = [self.segments.names[i] for i in bad.tolist()]
+            more = f" and {len(names) - 1} more segment(s)" if len(names) > 1 else ""
+            where = f"non-finite gradient (NaN or Inf) in {names[0]}{more}"
+        raise FloatingPointError(
+            f"{where} at step {self.step_count}; no parameter was updated. "
+            "Pass MDGDConfig(nonfinite='skip') to skip such steps instead."
+        )
+
+    def _assign_direction(self, skipped: bool, selected: list[float]) -> None:
+        if self.phi is not None:
+            self.phi.detach_grads()
+        if skipped and self.scaler is None:
+            self.theta.detach_grads()
+            return
+        self.theta.point("g")
+        if skipped:  # let the GradScaler see the overflow, skip the step and back off
+            self.theta.views["g"][0].view(-1)[:1].fill_(math.inf)
+            return
+        for p, keep in zip(self.theta.params, selected):
+            if not keep:
+                p.grad = None
+
+    def step(self, batch: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """One optimizer step of Algorithm 1 (``backward(batch)`` first when a batch is given).
+
+        Returns the figures named in :data:`FIGURES`.
+        """
+        if self.optimizer is None:
+            raise RuntimeError("this engine has no optimizer: use compute_direction() and step it")
+        if batch is not None:
+            self.backward(batch)
+        figures = self.compute_direction()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not figures["skipped"]:
+            self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.step_count += 1
+        return figures
+
+    def conflict_cos(self) -> dict[str, float]:
+        """Per-parameter ``cos(g_theta, h_theta)`` of the last step (NaN off the visual path)."""
+        if self.last_conflict_cos is None:
+            return {}
+        vals = self.last_conflict_cos.tolist()
+        names = self.theta.names if len(vals) == len(self.theta.names) else self.segments.names
+        return dict(zip(names, vals))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, path) -> None:
+        """Save trainable parameters, optimizer, scheduler, scaler, RNG, step (mdgd.checkpoint)."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, path)
+
+    def load_checkpoint(self, path) -> None:
+        from .checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _loss_of(outputs: Any, which: str) -> torch.Tensor:
+    loss = getattr(outputs, "loss", None)
+    if loss is None:
+        raise ValueError(f"{which} returned no loss: the batch needs labels")
+    return loss
+
+
+def _reject_distributed(model: nn.Module) -> None:
+    wrapped = type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
+    multi = (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
+    if wrapped or multi:
+        raise NotImplementedError(
+            "MDGDEngine runs in one process for now: DDP's hooks average only the first of "
+            "two backward calls. Pass the unwrapped model in a single process."
+        )
+
+
+def _check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:
+    """Same class, same parameter names and shapes (every parameter, not only the trainable)."""
+    hint = (
+        "MDGD compares two models of one architecture (pass a frozen copy of the pre-trained model)"
+    )
+    if type(ref_model) is not type(model):
+        raise ValueError(
+            f"ref_model is a {type(ref_model).__name__} but model is a {type(model).__name__}: "
+            + hint
+        )
+    mine = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    theirs = {n: tuple(p.shape) for n, p in ref_model.named_parameters()}
+    if mine != theirs:
+        only = sorted(set(mine) ^ set(theirs))
+        if only:
+            where = "model" if only[0] in mine else "ref_model"
+            what = f"{only[0]!r} exists only in {where} ({len(only)} such parameter(s))"
+        else:
+            name = next(n for n in mine if mine[n] != theirs[n])
+            what = f"{name!r} is {theirs[name]} in ref_model but {mine[name]} in model"
+        raise ValueError(f"ref_model's architecture differs from model's: {what}; " + hint)
+
+
+def _matching_params(
+    model: nn.Module, ref_model: nn.Module, named: list[tuple[str, nn.Parameter]]
+) -> list[nn.Parameter]:
+    """phi's parameters with theta's trainable names; phi's other parameters are frozen."""
+    ref = dict(ref_model.named_parameters())
+    theta_ids = {id(p) for p in model.parameters()}
+    out = []
+    for name, p in named:
+        q = ref.get(name)
+        if q is None:
+            raise ValueError(f"ref_model has no parameter {name!r}: the architectures differ")
+        if q.shape != p.shape or q.dtype != p.dtype:
+            raise ValueError(
+                f"{name}: ref_model has {tuple(q.shape)} {q.dtype}, model has "
+                f"{tuple(p.shape)} {p.dtype}; the two models must match"
+            )
+        if id(q) in theta_ids or q.data_ptr() == p.data_ptr():
+            raise ValueError(
+                f"ref_model shares parameter {name!r} with model; pass a separate frozen copy "
+                "(e.g. copy.deepcopy(model) before training)"
+            )
+        out.append(q)
+    trainable = {name for name, _ in named}
+    for name, q in ref.items():
+        q.requires_grad_(name in trainable)
+    return out

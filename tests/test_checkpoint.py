@@ -1,0 +1,105 @@
+"""Checkpoint and resume of MDGDEngine: a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from llava_tiny import (
+    one_thread,  # noqa: F401  (fixture)
+    perturbed_copy,
+    random_batch,
+    tiny_llava,
+)
+from safetensors.torch import load_file
+
+from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def make_engine(mode="gm"):
+    """Same models, optimizer and scheduler every call; dropout on, so RNG state matters."""
+    ref = tiny_llava(seed=0, attention_dropout=0.2)
+    theta = perturbed_copy(ref, seed=1)
+    theta.train()
+    cfg = MDGDConfig(mode=mode, alpha=0.5, trainable=llava_trainable_patterns(ref.config, 2))
+    engine = MDGDEngine(theta, ref, None, cfg)
+    opt = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-2)
+    engine.optimizer = opt
+    engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    return engine
+
+
+def run(engine, steps):
+    out = []
+    for s in steps:
+        engine.backward(random_batch(engine.model.config, seed=100 + 2 * s))
+        out.append(engine.step(random_batch(engine.model.config, seed=101 + 2 * s)))
+    return out
+
+
+def params(engine):
+    return {n: p.detach().clone() for n, p in engine.model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["gm", "ft"])
+def test_resume_continues_exactly(tmp_path, mode):
+    torch.manual_seed(1234)
+    full = make_engine(mode)
+    figures_full = run(full, range(4))
+
+    torch.manual_seed(1234)
+    first = make_engine(mode)
+    run(first, range(2))
+    first.save_checkpoint(tmp_path / "ckpt")
+    del first
+    torch.manual_seed(999)  # a different RNG state: the checkpoint must restore it
+    resumed = make_engine(mode)
+    resumed.load_checkpoint(tmp_path / "ckpt")
+    assert resumed.step_count == 2
+    figures_resumed = run(resumed, range(2, 4))
+
+    assert repr(figures_resumed) == repr(figures_full[2:])  # NaN-aware, bit-exact floats
+    want, got = params(full), params(resumed)
+    assert all(torch.equal(want[n], got[n]) for n in want), "resumed run diverged"
+    for p_full, p_res in zip(full.theta.params, resumed.theta.params):
+        s_full, s_res = full.optimizer.state[p_full], resumed.optimizer.state[p_res]
+        assert set(s_full) == set(s_res)
+        assert all(torch.equal(s_full[k], s_res[k]) for k in s_full)
+
+
+def test_checkpoint_files_are_safe_to_load(tmp_path):
+    engine = make_engine()
+    run(engine, range(1))
+    engine.save_checkpoint(tmp_path)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert state["step"] == 1 and state["config"]["mode"] == "gm"
+    tensors = load_file(str(tmp_path / "tensors.safetensors"))
+    assert {f"model/{n}" for n in engine.param_names} <= set(tensors)
+    assert any(k.startswith("optimizer/state/") for k in tensors)
+    assert "rng/torch" in tensors
+
+
+def test_checkpoint_errors(tmp_path):
+    engine = make_engine()
+    run(engine, range(1))
+    engine.backward(random_batch(engine.model.config, seed=0))
+    with pytest.raises(RuntimeError, match="middle of an accumulation|not stepped"):
+        engine.save_checkpoint(tmp_path)
+    engine.step()
+    engine.save_checkpoint(tmp_path)
+
+    other = make_engine()
+    other.config = MDGDConfig(mode="gm", alpha=0.9, trainable=other.config.trainable)
+    with pytest.warns(UserWarning, match="resumed run will differ"):
+        other.load_checkpoint(tmp_path)
+
+    ref = tiny_llava(seed=0)
+    theta = copy.deepcopy(ref)
+    fewer = MDGDEngine(
+        theta, ref, None, MDGDConfig(mode="gm", trainable=llava_trainable_patterns(ref, 1))
+    )
+    with pytest.raises(ValueError, match="same trainable patterns"):
+        fewer.load_checkpoint(tmp_path)
