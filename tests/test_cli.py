@@ -1,0 +1,67 @@
+"""The ``mdgd`` command line: subcommands, help for every option, lazy bench import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mdgd.cli import build_demo_parser, main
+
+
+def test_top_level_help_lists_both_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "demo" in out and "bench" in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "demo" in capsys.readouterr().out
+
+
+def test_unknown_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_demo_help_explains_every_option(capsys):
+    parser = build_demo_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, f"option {action.option_strings} has no help"
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ("--quick", "--seed", "--out", "--cache-dir", "--methods", "--threads", "--lr"):
+        assert opt in out
+    assert "Phase 1" in out and "Phase 2" in out
+
+
+def test_bench_forwards_its_arguments(monkeypatch):
+    import mdgd.bench
+
+    seen = []
+    monkeypatch.setattr(mdgd.bench, "main", lambda argv=None: seen.append(argv))
+    assert main(["bench", "--quick", "--workload", "small"]) == 0
+    assert seen == [["--quick", "--workload", "small"]]
+
+
+def test_python_m_mdgd_and_lazy_bench_import():
+    code = (
+        "import sys\n"
+        "from mdgd.cli import main\n"
+        "try:\n    main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print('BENCH_IMPORTED', 'mdgd.bench' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "BENCH_IMPORTED False" in out.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "mdgd", "--help"], capture_output=True, text=True, check=False
+    )
+    assert res.returncode == 0 and "demo" in res.stdout
