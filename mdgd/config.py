@@ -19,6 +19,7 @@ from torch import nn
 MODES = ("mdgd", "gm", "ft")
 ALPHA_BY = ("elements", "segments")
 NONFINITE = ("raise", "skip")
+DISTRIBUTED = ("auto", "none", "dp", "sharded")
 
 # transformers 5 names of the LLaVA submodules (LlavaForConditionalGeneration)
 LLAVA_LAYERS = "model.language_model.layers"
@@ -46,6 +47,16 @@ class MDGDConfig:
             models' own ``requires_grad`` flags.
         backend: the op backend (``None``: automatic; see ``mdgd_kernels``).
         eps: relative threshold under which a projected norm is degenerate.
+        distributed: multi-process mode (:mod:`mdgd.distributed`): ``"dp"`` (every
+            rank all-reduces the four gradient buffers and runs the op),
+            ``"sharded"`` (reduce-scatter, op and optimizer on the owned range,
+            all-gather of the parameters), ``"none"`` (one process), or
+            ``"auto"``: ``"dp"`` when ``torch.distributed`` is initialised with
+            more than one rank, else ``"none"``.
+        dist_timeout_s: seconds a rank waits for a collective of the driver before
+            it raises instead of hanging (gloo; under NCCL the process group's
+            own timeout applies to the per-step collectives, see the doc).
+        dist_bucket_mb: size of the all-reduce buckets of ``"dp"`` mode, in MB.
     """
 
     mode: str = "mdgd"
@@ -58,6 +69,9 @@ class MDGDConfig:
     trainable: Sequence[str] | None = None
     backend: str | None = None
     eps: float = 1e-6
+    distributed: str = "auto"
+    dist_timeout_s: float = 600.0
+    dist_bucket_mb: float = 25.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -66,6 +80,12 @@ class MDGDConfig:
             raise ValueError(f"alpha_by must be one of {ALPHA_BY}, got {self.alpha_by!r}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        if self.distributed not in DISTRIBUTED:
+            raise ValueError(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
+        if not float(self.dist_timeout_s) > 0.0:
+            raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        if not float(self.dist_bucket_mb) > 0.0:
+            raise ValueError(f"dist_bucket_mb must be > 0, got {self.dist_bucket_mb}")
         if not 0.0 < float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if not float(self.visual_weight) >= 0.0:

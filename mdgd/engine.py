@@ -45,6 +45,7 @@ import mdgd_kernels
 
 from .buffers import FlatGrads, Segments, segment_layout
 from .config import MDGDConfig, mark_trainable
+from .distributed import DistributedMDGD, check_micro_batches, reject_wrapped, resolve_mode
 from .visual import ImageTokenHidden, VisualHook, visual_l1
 
 FIGURES = (
@@ -84,6 +85,9 @@ class MDGDEngine:
             mode. May be None for ``mode="ft"``.
         optimizer: steps theta's trainable parameters (None: use
             :meth:`compute_direction` and step yourself, as the HF Trainer does).
+            With ``config.distributed="sharded"``: a factory called with this
+            rank's 1-D pieces of the trainable parameters, e.g.
+            ``lambda params: torch.optim.AdamW(params, lr=1e-5)``.
         config: :class:`MDGDConfig`. When ``config.trainable`` is set it is applied
             to both models (``mark_trainable``); otherwise theta's parameters with
             ``requires_grad`` are trained and phi's flags are set to match.
@@ -93,6 +97,8 @@ class MDGDEngine:
             are invariant); non-finite steps are then skipped and the scale backed
             off, as GradScaler does, whatever ``config.nonfinite`` says.
         lr_scheduler: stepped once per :meth:`step` (and saved by checkpoints).
+        process_group: the ``torch.distributed`` group of the data-parallel ranks
+            (default: the world); see :mod:`mdgd.distributed`.
     """
 
     def __init__(
@@ -105,21 +111,23 @@ class MDGDEngine:
         visual: VisualHook | None = None,
         scaler: torch.amp.GradScaler | None = None,
         lr_scheduler: Any = None,
+        process_group: Any = None,
     ) -> None:
         self.config = cfg = config if config is not None else MDGDConfig()
         self.model = model
         self.ref_model = ref_model if cfg.mode != "ft" else None
         if cfg.mode != "ft" and ref_model is None:
             raise ValueError(f"mode={cfg.mode!r} needs ref_model (the frozen pre-trained model)")
-        self.optimizer = optimizer
+        self.dist_mode = resolve_mode(cfg.distributed)
+        self.optimizer = optimizer if self.dist_mode != "sharded" else None
         self.visual = visual if visual is not None else ImageTokenHidden()
         self.scaler = scaler
         self.lr_scheduler = lr_scheduler
         self.step_count = 0
 
-        _reject_distributed(model)
+        reject_wrapped(model, "model")
         if self.ref_model is not None:
-            _reject_distributed(self.ref_model)
+            reject_wrapped(self.ref_model, "ref_model")
             _check_same_architecture(model, self.ref_model)
         named = self._trainable(model)
         names = [n for n, _ in named]
@@ -129,7 +137,7 @@ class MDGDEngine:
         if cfg.mode != "ft":
             self.phi = FlatGrads(names, _matching_params(model, ref_model, named), kinds)
             ref_model.eval()
-        if optimizer is not None:
+        if optimizer is not None and self.dist_mode != "sharded":
             self._check_optimizer(optimizer)
 
         self.device = self.theta.device
@@ -144,6 +152,12 @@ class MDGDEngine:
             dtype=torch.int64,
             device=self.device,
         )
+
+        self.dist: DistributedMDGD | None = None
+        if self.dist_mode != "none":
+            self.dist = DistributedMDGD(self, self.dist_mode, optimizer, process_group)
+            self.optimizer = self.dist.optimizer
+        self._world = self.dist.world if self.dist is not None else 1
 
         self.last_result: mdgd_kernels.MDGDResult | None = None
         self.last_conflict_cos: torch.Tensor | None = None
@@ -216,11 +230,19 @@ class MDGDEngine:
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def backward(self, batch: Mapping[str, Any]) -> torch.Tensor:
+    def backward(self, batch: Mapping[str, Any], *, last: bool = False) -> torch.Tensor:
         """Accumulate one micro-batch's gradients into the buffers (two backward calls).
 
         Returns ``L_vl(theta)`` of the micro-batch, detached, on the device (no sync).
+        ``last=True`` says no other micro-batch follows before the step: in a
+        multi-process run the reduction of the ``g`` buffers then starts right
+        after their backward and overlaps the ``h`` backward.
         """
+        if self.dist is not None and self.dist.launched:
+            raise RuntimeError(
+                "backward() after the last micro-batch (last=True): call compute_direction() "
+                "or step() first"
+            )
         batch = self._prepare(batch)
         if self._micro == 0:
             self.theta.zero_()
@@ -228,24 +250,31 @@ class MDGDEngine:
                 self.phi.zero_()
         try:
             if self.config.mode == "ft":
-                loss = self._backward_ft(batch)
+                loss = self._backward_ft(batch, last)
             else:
-                loss = self._backward_mdgd(batch)
+                loss = self._backward_mdgd(batch, last)
         except BaseException:
             self._reset()  # the partial accumulation is discarded
+            if self.dist is not None:
+                self.dist.discard()
             raise
         self._micro += 1
         return loss
 
-    def _backward_ft(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _launch(self, kind: str, last: bool) -> None:
+        if last and self.dist is not None:
+            self.dist.launch(kind)
+
+    def _backward_ft(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
         loss = _loss_of(self.model(**batch), "model")
         self.theta.point("g")
         self._scaled(loss).backward()
+        self._launch("g", last)
         loss = loss.detach()
         self._loss_sums[0] += loss
         return loss
 
-    def _backward_mdgd(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _backward_mdgd(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
         kw = self.visual.forward_kwargs
         out_t = self.model(**batch, **kw)
         out_p = self.ref_model(**batch, **kw)
@@ -258,10 +287,12 @@ class MDGDEngine:
         self.theta.point("g")
         self.phi.point("g")
         self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
+        self._launch("g", last)  # overlaps the h backward, which does not touch g
         if loss_v.requires_grad:  # False only when no trainable parameter feeds pi(X^v)
             self.theta.point("h")
             self.phi.point("h")
             self._scaled(loss_v).backward()
+        self._launch("h", last)
         losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
         self._loss_sums += losses.float()
         return losses[0]
@@ -285,13 +316,24 @@ class MDGDEngine:
         cfg = self.config
         n = self._micro
         try:
+            total = None
+            if self.dist is not None:  # the four buffers and the loss sums, over all ranks
+                total = self.dist.finish(self._loss_sums, n)
+                self._loss_sums = total[:3]
+            # every rank runs n micro-batches (checked below, after the step's one sync)
+            n_all = n * self._world
             if cfg.mode == "ft":
-                figures, selected = self._figures_ft(n)
+                figures, selected = self._figures_ft(n_all)
             else:
-                figures, selected = self._direction_mdgd(n)
-            values = torch.cat([figures, selected.to(figures.dtype)]).tolist()  # the one sync
+                figures, selected = self._direction_mdgd(n_all)
+            parts = [figures, selected.to(figures.dtype)]
+            if total is not None:
+                parts.append(total[3:].to(figures.dtype))
+            values = torch.cat(parts).tolist()  # the one sync
         finally:
             self._reset()
+        if total is not None:
+            check_micro_batches(values.pop(), n, self._world)
         out = dict(zip(FIGURES, values[: len(FIGURES)]))
         skipped = out["skipped"] != 0.0
         if skipped and self.scaler is None and cfg.nonfinite == "raise":
@@ -300,9 +342,15 @@ class MDGDEngine:
         self.last_figures = out
         return out
 
+    def _direction_buffer(self) -> torch.Tensor:
+        """g_theta where the direction is written: the owned range in sharded mode."""
+        if self.dist_mode == "sharded":
+            return self.dist.shard_buffers()[0]
+        return self.theta.buffers["g"]
+
     def _figures_ft(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n > 1:
-            self.theta.buffers["g"].mul_(1.0 / n)
+            self._direction_buffer().mul_(1.0 / n)
         loss = self._loss_sums[0] / n
         nan = torch.full((), math.nan, device=self.device)
         one = torch.ones((), device=self.device)
@@ -313,25 +361,26 @@ class MDGDEngine:
 
     def _direction_mdgd(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        gt, ht = self.theta.buffers["g"], self.theta.buffers["h"]
-        gp, hp = self.phi.buffers["g"], self.phi.buffers["h"]
-        res = mdgd_kernels.mdgd_direction_(
-            gt,
-            ht,
-            gp,
-            hp,
-            self.layout,
-            mode=cfg.mode,
-            alpha=cfg.alpha,
-            align=cfg.align,
-            alpha_by=cfg.alpha_by,
-            nonfinite="skip",  # "raise" is applied after the step's one sync
-            eps=cfg.eps,
-            backend=cfg.backend,
-            names=self.segments.names,
-        )
+        if self.dist_mode == "sharded":
+            res = self.dist.sharded_direction()
+        else:
+            res = mdgd_kernels.mdgd_direction_(
+                self.theta.buffers["g"],
+                self.theta.buffers["h"],
+                self.phi.buffers["g"],
+                self.phi.buffers["h"],
+                self.layout,
+                mode=cfg.mode,
+                alpha=cfg.alpha,
+                align=cfg.align,
+                alpha_by=cfg.alpha_by,
+                nonfinite="skip",  # "raise" is applied after the step's one sync
+                eps=cfg.eps,
+                backend=cfg.backend,
+                names=self.segments.names,
+            )
         if n > 1:
-            gt.mul_(1.0 / n)
+            self._direction_buffer().mul_(1.0 / n)
         self.last_result = res
 
         # modality gradient conflict per parameter: Gram entries add over a parameter's blocks
@@ -395,6 +444,10 @@ class MDGDEngine:
     def _assign_direction(self, skipped: bool, selected: list[float]) -> None:
         if self.phi is not None:
             self.phi.detach_grads()
+        if self.dist_mode == "sharded":  # the optimizer holds this rank's pieces
+            self.theta.detach_grads()
+            self.dist.assign(skipped, selected)
+            return
         if skipped and self.scaler is None:
             self.theta.detach_grads()
             return
@@ -421,6 +474,8 @@ class MDGDEngine:
             self.scaler.update()
         elif not figures["skipped"]:
             self.optimizer.step()
+            if self.dist_mode == "sharded":
+                self.dist.gather_params()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.step_count += 1
@@ -440,12 +495,33 @@ class MDGDEngine:
         """Save trainable parameters, optimizer, scheduler, scaler, RNG, step (mdgd.checkpoint)."""
         from .checkpoint import save_checkpoint
 
+        self._no_sharded_checkpoint()
         save_checkpoint(self, path)
 
     def load_checkpoint(self, path) -> None:
         from .checkpoint import load_checkpoint
 
+        self._no_sharded_checkpoint()
         load_checkpoint(self, path)
+
+    def _no_sharded_checkpoint(self) -> None:
+        if self.dist_mode == "sharded":
+            raise NotImplementedError(
+                "checkpoints of distributed='sharded' runs are not supported yet (the optimizer "
+                "state is split over the ranks); use distributed='dp' to checkpoint"
+            )
+
+    def gather_parameters(self) -> None:
+        """Sharded mode, stepping yourself: all-gather the ranges after ``optimizer.step()``."""
+        if self.dist_mode == "sharded":
+            self.dist.gather_params()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the direction's global norm (over all ranks in sharded mode); returns it."""
+        if self.dist is not None:
+            return self.dist.clip_grad_norm_(max_norm)
+        params = [p for p in self.theta.params if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -456,20 +532,6 @@ def _loss_of(outputs: Any, which: str) -> torch.Tensor:
     if loss is None:
         raise ValueError(f"{which} returned no loss: the batch needs labels")
     return loss
-
-
-def _reject_distributed(model: nn.Module) -> None:
-    wrapped = type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel")
-    multi = (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    )
-    if wrapped or multi:
-        raise NotImplementedError(
-            "MDGDEngine runs in one process for now: DDP's hooks average only the first of "
-            "two backward calls. Pass the unwrapped model in a single process."
-        )
 
 
 def _check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "get_layout",
     "mdgd_direction_",
     "resolve_backend",
+    "segment_combine_",
     "segment_gram",
     "top_alpha_mask",
 ]
@@ -211,6 +212,39 @@ def segment_gram(
     layout = _check(buffers, sizes)
     gram, _ = _kernels(resolve_backend(backend, g_theta.device))
     return gram(*buffers, layout.chunks, layout.chunk_ptr)
+
+
+def segment_combine_(
+    g_theta: torch.Tensor,
+    h_theta: torch.Tensor,
+    g_phi: torch.Tensor,
+    h_phi: torch.Tensor,
+    sizes: Sequence[int] | SegmentLayout,
+    coeffs: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> None:
+    """Pass 2 alone: ``g_theta = c1*gt + c2*ht + c3*gp + c4*hp`` per segment, in place.
+
+    ``coeffs`` is the ``[S, 4]`` float32 table of :func:`coefficients` (one row per
+    segment of ``sizes``, on the buffers' device). A zero coefficient means that
+    buffer is not read; a row ``(1, 0, 0, 0)`` leaves the segment untouched. Used
+    where the statistics come from elsewhere, e.g. summed over the ranks of a
+    sharded run (:mod:`mdgd.distributed`).
+    """
+    buffers = (g_theta, h_theta, g_phi, h_phi)
+    layout = _check(buffers, sizes)
+    if not isinstance(coeffs, torch.Tensor) or coeffs.dtype != torch.float32:
+        raise ValueError(f"coeffs must be a float32 tensor, got {getattr(coeffs, 'dtype', coeffs)}")
+    if tuple(coeffs.shape) != (layout.num_segments, 4):
+        raise ValueError(
+            f"coeffs has shape {tuple(coeffs.shape)} but there are {layout.num_segments} "
+            "segments: expected [S, 4]"
+        )
+    if coeffs.device != g_theta.device:
+        raise ValueError(f"coeffs is on {coeffs.device} but g_theta is on {g_theta.device}")
+    _, combine = _kernels(resolve_backend(backend, g_theta.device))
+    combine(*buffers, layout.chunks, coeffs.contiguous())
 
 
 def mdgd_direction_(

@@ -31,7 +31,12 @@ and checkpointing see the direction as if it were the gradient.
   Trainer resumes LLaVA from the *initial* weights with only a warning. The frozen
   parameters never change, so the rebuilt model already has them. ``ref_model``
   is not saved either: build it again from the pre-trained weights to resume.
-* One process only for now (see :class:`mdgd.MDGDEngine`).
+* Several processes (``torchrun`` / ``accelerate launch``): the engine runs in
+  ``"dp"`` mode (``MDGDConfig.distributed="auto"``) and owns the collectives; the
+  model is not wrapped in DDP (accelerate's ``prepare_model`` is asked not to),
+  every rank steps the same averaged direction. ``"sharded"`` is not supported
+  inside the Trainer (its optimizer steps the full parameters); see
+  ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -81,6 +86,11 @@ class MDGDTrainer(Trainer):
             raise ValueError("MDGDTrainer needs model")
         if self.mdgd_config.trainable is not None:
             mark_trainable(model, self.mdgd_config.trainable)  # before the optimizer is built
+        if self.mdgd_config.distributed == "sharded":
+            raise NotImplementedError(
+                "MDGDTrainer supports distributed='dp' (or 'auto'), not 'sharded': the "
+                "Trainer's optimizer steps the full parameters. Use MDGDEngine for sharded runs"
+            )
         super().__init__(*args, **kwargs)
         if ref_model is not None and self.mdgd_config.mode != "ft":
             ref_model.to(self.args.device)
@@ -88,6 +98,8 @@ class MDGDTrainer(Trainer):
         self.engine = MDGDEngine(
             self.model, ref_model, None, self.mdgd_config, visual=visual, scaler=scaler
         )
+        if self.engine.dist is not None:
+            self._keep_model_unwrapped()
         self._mdgd_logs: list[dict[str, float]] = []
 
     def training_step(
@@ -100,11 +112,32 @@ class MDGDTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        last = self.accelerator.sync_gradients
         with self.compute_loss_context_manager(), self.accelerator.autocast():
-            loss = self.engine.backward(inputs)
-        if self.accelerator.sync_gradients:
+            loss = self.engine.backward(inputs, last=last)
+        if last:
             self._mdgd_logs.append(self.engine.compute_direction())
         return loss / self.current_gradient_accumulation_steps
+
+    def _keep_model_unwrapped(self) -> None:
+        """Have accelerate place and autocast the model but not wrap it in DDP.
+
+        The engine reduces the four gradient buffers itself; a DDP wrapper would
+        register its own hooks and allocate a second copy of the gradients.
+        ``prepare_model(evaluation_mode=True)`` skips exactly the wrapping.
+        """
+        accelerator = self.accelerator
+        prepare_model = accelerator.prepare_model
+        model = self.model
+
+        def prepare_unwrapped(m, device_placement=None, evaluation_mode=False):
+            if m is model:
+                evaluation_mode = True
+            return prepare_model(
+                m, device_placement=device_placement, evaluation_mode=evaluation_mode
+            )
+
+        accelerator.prepare_model = prepare_unwrapped
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._mdgd_logs and "loss" in logs:
