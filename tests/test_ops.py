@@ -215,3 +215,34 @@ def test_import_is_lean():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_missing_extension_falls_back_once_with_a_warning():
+    """Without mdgd_kernels._C the package imports, runs on the torch backend and
+    says so once; asking for backend='cpu' explicitly raises the original error."""
+    code = """
+import importlib.abc, sys, warnings
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "mdgd_kernels._C":
+            raise ImportError("simulated: extension not built")
+sys.meta_path.insert(0, Block())
+import torch, mdgd_kernels as mk
+assert not mk._ext.available and mk.available_backends("cpu") == ["torch"]
+bufs = [torch.randn(10) for _ in range(4)]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(2):
+        mk.mdgd_direction_(*[b.clone() for b in bufs], [3, 7])
+msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+assert len(msgs) == 1 and "simulated" in msgs[0] and "falling back" in msgs[0], msgs
+try:
+    mk.mdgd_direction_(*bufs, [3, 7], backend="cpu")
+except RuntimeError as exc:
+    assert "simulated" in str(exc) and "pip install" in str(exc), exc
+else:
+    raise AssertionError("backend='cpu' without the extension must raise")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
