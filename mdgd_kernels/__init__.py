@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from . import _ext, _ops, torch_backend  # noqa: F401  (_ops registers the torch.library ops)
-from .coeffs import ALPHA_BY, DEFAULT_EPS, MODES, coefficients, top_alpha_mask
+from .coeffs import ALPHA_BY, DEFAULT_EPS, MASKED, MODES, coefficients, top_alpha_mask
 from .layout import CHUNK, SegmentLayout, get_layout
 
 __all__ = [
@@ -262,6 +262,7 @@ def mdgd_direction_(
     eps: float = DEFAULT_EPS,
     backend: str | None = None,
     names: Sequence[str] | None = None,
+    masked: str = "zero",
 ) -> MDGDResult:
     """Write the MDGD update direction into ``g_theta`` in place (two passes).
 
@@ -283,7 +284,14 @@ def mdgd_direction_(
         eps: relative threshold under which a projected norm is degenerate.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None (auto).
         names: optional segment names, used in error messages.
+        masked: what ``gm`` writes into the segments its mask drops: ``"zero"``
+            (Eq. 12, ``d = 0``) or ``"keep"`` (nothing: they are neither read
+            nor written and keep ``g_theta``, so pass 2 touches only the selected
+            segments). ``"keep"`` is for callers that discard those segments'
+            gradients anyway, as the driver does with ``grad = None``.
     """
+    if masked not in MASKED:
+        raise ValueError(f"masked must be one of {MASKED}, got {masked!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if alpha_by not in ALPHA_BY:
@@ -302,7 +310,14 @@ def mdgd_direction_(
 
     stats = gram(*buffers, layout.chunks, layout.chunk_ptr)
     coef = coefficients(
-        stats, layout.sizes_t, mode=mode, alpha=alpha, align=align, alpha_by=alpha_by, eps=eps
+        stats,
+        layout.sizes_t,
+        mode=mode,
+        alpha=alpha,
+        align=align,
+        alpha_by=alpha_by,
+        eps=eps,
+        masked=masked,
     )
     if nonfinite == "raise" and bool(coef.skipped):  # the one host sync of "raise"
         _raise_nonfinite(coef.nonfinite, layout, names)

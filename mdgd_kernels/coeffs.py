@@ -13,8 +13,9 @@ Statistics columns (spec section 3)::
 The combine pass computes ``d = c1*gt + c2*ht + c3*gp + c4*hp`` per segment from
 the ``[S, 4]`` float32 table returned here. A coefficient that is exactly 0 means
 "that buffer is not read" and a row ``(1, 0, 0, 0)`` means "segment untouched":
-that is how a masked-out, ``ft`` or skipped segment costs no reads and keeps its
-bits.
+that is how an ``ft`` or skipped segment, or one ``gm`` drops under
+``masked="keep"``, costs no traffic and keeps its bits (under ``masked="zero"``
+a dropped segment, row ``(0, 0, 0, 0)``, is written as zeros without a read).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 MODES = ("mdgd", "gm", "ft")
 ALPHA_BY = ("elements", "segments")
+MASKED = ("zero", "keep")
 DEFAULT_EPS = 1e-6
 
 
@@ -70,8 +72,13 @@ def coefficients(
     alpha_by: str = "elements",
     eps: float = DEFAULT_EPS,
     skip_nonfinite: bool = True,
+    masked: str = "zero",
 ) -> Coefficients:
-    """Coefficients of every segment from its Gram statistics (spec sections 4-6)."""
+    """Coefficients of every segment from its Gram statistics (spec sections 4-6).
+
+    ``masked="keep"`` gives the segments ``gm`` drops the untouched row
+    ``(1, 0, 0, 0)`` instead of zeros: pass 2 then skips them entirely.
+    """
     st = stats.to(torch.float64)
     gtgt, gtht, htht, gpgp, gphp, hphp, gtgp, gthp, htgp, hthp = st.unbind(1)
     s_t = _safe_div(gtht, htht, htht == 0)  # Eq. 8
@@ -95,6 +102,8 @@ def coefficients(
         mask = top_alpha_mask(cos, weights, alpha)
         m = mask.to(k.dtype)
         c = torch.stack([m, m * a, zero, zero], dim=1)
+        if masked == "keep":
+            c[:, 0] = 1.0  # dropped rows become (1, 0, 0, 0): not read, not written
     elif mode == "ft":
         mask = torch.ones_like(k, dtype=torch.bool)
         c = torch.stack([one, zero, zero, zero], dim=1)

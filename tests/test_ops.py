@@ -246,3 +246,20 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("align", [True, False], ids=["align", "noalign"])
+def test_gm_masked_keep_touches_only_selected_segments(backend, dtype, align, seed):
+    sizes = LAYOUTS["500segs"]
+    kw = dict(mode="gm", alpha=0.3, align=align)
+    bufs = make_buffers(sizes, dtype, seed=seed)
+    d, res = _run(bufs, sizes, backend, masked="keep", **kw)
+    ref = oracle(bufs, sizes, **kw)
+    assert_mask_matches(res, ref, sizes, 0.3, "elements")
+    keep = torch.repeat_interleave(res.mask.cpu(), torch.tensor(sizes))
+    assert torch.equal(d[~keep], bufs[0][~keep]), "a dropped segment was written"
+    # the selected segments get the bits of the default (Eq. 12, oracle-tested above)
+    zero, _ = _run(bufs, sizes, backend, **kw)
+    assert torch.equal(zero[keep], d[keep]) and not zero[~keep].any()
