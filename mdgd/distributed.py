@@ -50,6 +50,10 @@ from mdgd_kernels.coeffs import coefficients
 if TYPE_CHECKING:
     from .engine import MDGDEngine
 
+# torch 2.13 renamed the single-tensor collectives (the old names warn); older torch has only those
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
 FINGERPRINT_PARTS = (
@@ -187,7 +191,7 @@ class DistributedMDGD:
         if dist.get_backend(self.group) == "nccl":
             local = local.cuda()
         every = torch.empty(self.world * local.numel(), dtype=torch.int64, device=local.device)
-        work = dist.all_gather_into_tensor(every, local, group=self.group, async_op=True)
+        work = _all_gather_single(every, local, group=self.group, async_op=True)
         try:
             work.wait(timeout=self.timeout)  # once, at construction: a host wait is fine
         except RuntimeError as e:
@@ -310,7 +314,7 @@ class DistributedMDGD:
                 continue
             what = f"reduction of the {kind} buffer"
             if self.mode == "sharded":
-                work = dist.reduce_scatter_tensor(
+                work = _reduce_scatter_single(
                     self.shard[(i, kind)], self.full[(i, kind)], group=self.group, async_op=True
                 )
                 self._pending.append((work, what))
@@ -399,7 +403,7 @@ class DistributedMDGD:
         """All-gather the updated ranges into every rank's flat parameter buffer."""
         mine = self.flat_params[self.lo : self.hi].clone()
         self._wait(
-            dist.all_gather_into_tensor(self.flat_params, mine, group=self.group, async_op=True),
+            _all_gather_single(self.flat_params, mine, group=self.group, async_op=True),
             "all-gather of the updated parameters",
         )
 

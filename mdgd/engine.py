@@ -27,6 +27,11 @@ Host synchronisation: one per step (all figures, and MDGD-GM's mask, come back
 in one transfer), plus one per micro-batch to check for image tokens only when
 ``input_ids`` already live on an accelerator.
 
+Several processes (``torchrun``): with ``MDGDConfig(distributed="dp")`` (what
+``"auto"`` picks under a multi-rank process group) the four buffers are
+all-reduced before the op; ``"sharded"`` reduce-scatters them and steps only
+this rank's range. See :mod:`mdgd.distributed` and ``docs/distributed.md``.
+
 ``mode="ft"`` costs what plain fine-tuning costs: one forward and one backward
 of theta into the ``g`` buffer, no reference model, no ``h`` buffers, no op;
 ``loss_ref``, ``loss_v`` and the cosine figures are reported as NaN.

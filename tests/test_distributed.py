@@ -222,3 +222,99 @@ def test_trainer_under_two_processes(tmp_path):
                 assert f"mdgd/{key}" in h, key
             assert h["mdgd/skipped"] == 0.0
             assert 0.0 < h["mdgd/loss_v"] < 10.0
+
+
+# ---------------------------------------------------------------------- in one process
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"distributed": "ddp"}, "distributed"),
+        ({"dist_timeout_s": 0}, "dist_timeout_s"),
+        ({"dist_bucket_mb": -1}, "dist_bucket_mb"),
+    ],
+)
+def test_config_rejects_bad_distributed_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MDGDConfig(**kwargs)
+
+
+def test_dp_without_a_process_group_says_what_to_do():
+    theta, ref = models()
+    cfg = MDGDConfig(trainable=patterns(theta), distributed="dp")
+    with pytest.raises(ValueError, match="init_process_group"):
+        MDGDEngine(theta, ref, None, cfg)
+
+
+def test_segment_combine_equals_the_direction_op():
+    import mdgd_kernels
+    from mdgd_kernels.coeffs import coefficients
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = [7, 130, 1, 64]
+    bufs = [torch.randn(sum(sizes), generator=gen) for _ in range(4)]
+    want = bufs[0].clone()
+    mdgd_kernels.mdgd_direction_(want, *bufs[1:], sizes, mode="mdgd")
+    layout = mdgd_kernels.get_layout(sizes, "cpu")
+    stats = mdgd_kernels.segment_gram(*bufs, layout)
+    coef = coefficients(stats, layout.sizes_t, mode="mdgd")
+    got = bufs[0].clone()
+    mdgd_kernels.segment_combine_(got, *bufs[1:], sizes, coef.coeffs)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"expected \[S, 4\]"):
+        mdgd_kernels.segment_combine_(got, *bufs[1:], sizes, coef.coeffs[:2])
+    with pytest.raises(ValueError, match="float32"):
+        mdgd_kernels.segment_combine_(got, *bufs[1:], sizes, coef.coeffs.double())
+
+
+@pytest.fixture
+def one_rank_group():
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{free_port()}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dmode", ["auto", "dp", "sharded"])
+def test_one_rank_group_equals_no_group(one_rank_group, dmode):
+    """With one rank every mode is the single-process engine ("auto" resolves to none)."""
+    theta, ref = models()
+    pats = patterns(theta)
+    mark_trainable(theta, pats)
+    factory = optimizer_for("adamw")
+    params = [p for p in theta.parameters() if p.requires_grad]
+    opt = factory if dmode == "sharded" else factory(params)
+    engine = MDGDEngine(
+        theta, ref, opt, MDGDConfig(mode="gm", alpha=0.3, trainable=pats, distributed=dmode)
+    )
+    assert engine.dist_mode == ("none" if dmode == "auto" else dmode)
+    for step in range(2):
+        engine.backward(batch_for(theta.config, 0, step))
+        engine.step(batch_for(theta.config, 1, step))
+    got = torch.cat([p.detach().reshape(-1).double() for p in engine.theta.params])
+    t2, r2 = models()
+    mark_trainable(t2, pats)
+    opt2 = factory([p for p in t2.parameters() if p.requires_grad])
+    ref_engine = MDGDEngine(
+        t2, r2, opt2, MDGDConfig(mode="gm", alpha=0.3, trainable=pats, distributed="none")
+    )
+    for step in range(2):
+        ref_engine.backward(batch_for(t2.config, 0, step))
+        ref_engine.step(batch_for(t2.config, 1, step))
+    want = torch.cat([p.detach().reshape(-1).double() for p in ref_engine.theta.params])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    if dmode == "sharded":
+        with pytest.raises(NotImplementedError, match="sharded"):
+            engine.save_checkpoint("unused")

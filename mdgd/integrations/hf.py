@@ -92,6 +92,13 @@ class MDGDTrainer(Trainer):
                 "Trainer's optimizer steps the full parameters. Use MDGDEngine for sharded runs"
             )
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "MDGDTrainer does not support DeepSpeed or FSDP yet: they keep the gradients in "
+                "their own (sharded) buffers, which MDGD's two backward calls and flat buffers "
+                "bypass. Launch with torchrun/accelerate without them: the engine runs in "
+                "data-parallel mode (docs/distributed.md)"
+            )
         if ref_model is not None and self.mdgd_config.mode != "ft":
             ref_model.to(self.args.device)
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
