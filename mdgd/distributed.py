@@ -121,7 +121,8 @@ def _fingerprint(engine: MDGDEngine, mode: str) -> list[int]:
     cfg = {
         k: v
         for k, v in engine.config.to_dict().items()
-        if k not in ("distributed", "dist_timeout_s", "dist_bucket_mb")
+        # the backend and the waiting/bucketing settings may differ per rank: same function
+        if k not in ("distributed", "dist_timeout_s", "dist_bucket_mb", "backend")
     }
     parts = [
         [(n, tuple(p.shape)) for n, p in zip(theta.names, theta.params)],
