@@ -357,8 +357,11 @@ class DistributedMDGD:
         keys = [(0, "g"), (0, "h"), (1, "g"), (1, "h")]
         return [self.shard[k][: self.valid] for k in keys if k in self.shard]
 
-    def sharded_direction(self) -> mdgd_kernels.MDGDResult:
-        """Statistics on the owned pieces, summed over ranks; pass 2 on the owned range."""
+    def sharded_direction(self, scale: float, masked: str) -> mdgd_kernels.MDGDResult:
+        """Statistics on the owned pieces, summed over ranks; pass 2 on the owned range.
+
+        ``scale`` and ``masked`` as in :func:`mdgd_kernels.mdgd_direction_`.
+        """
         engine, cfg = self.engine, self.engine.config
         layout = engine.layout
         stats = torch.zeros(layout.num_segments, 10, dtype=torch.float32, device=engine.device)
@@ -378,6 +381,8 @@ class DistributedMDGD:
             align=cfg.align,
             alpha_by=cfg.alpha_by,
             eps=cfg.eps,
+            masked=masked,
+            scale=scale,
         )
         if self.local_layout is not None:
             mdgd_kernels.segment_combine_(

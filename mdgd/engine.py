@@ -152,6 +152,9 @@ class MDGDEngine:
         self.layout = mdgd_kernels.get_layout(self.segments.sizes, self.device)
         # "global" has one segment owned by every parameter: its figures stay per segment
         self._global = cfg.granularity == "global"
+        # MDGD-GM drops whole parameters (grad = None) unless a parameter has several
+        # segments ("block:K"): then pass 2 need not write zeros into dropped segments
+        self.masked = "zero" if cfg.granularity.startswith("block") else "keep"
         self._owner = torch.tensor(
             self.segments.param_index if not self._global else [0],
             dtype=torch.int64,
@@ -367,7 +370,7 @@ class MDGDEngine:
     def _direction_mdgd(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         if self.dist_mode == "sharded":
-            res = self.dist.sharded_direction()
+            res = self.dist.sharded_direction(scale=1.0 / n, masked=self.masked)
         else:
             res = mdgd_kernels.mdgd_direction_(
                 self.theta.buffers["g"],
@@ -383,9 +386,9 @@ class MDGDEngine:
                 eps=cfg.eps,
                 backend=cfg.backend,
                 names=self.segments.names,
+                masked=self.masked,
+                scale=1.0 / n,  # the mean over micro-batches (and ranks), inside pass 2
             )
-        if n > 1:
-            self._direction_buffer().mul_(1.0 / n)
         self.last_result = res
 
         # modality gradient conflict per parameter: Gram entries add over a parameter's blocks

@@ -263,6 +263,7 @@ def mdgd_direction_(
     backend: str | None = None,
     names: Sequence[str] | None = None,
     masked: str = "zero",
+    scale: float = 1.0,
 ) -> MDGDResult:
     """Write the MDGD update direction into ``g_theta`` in place (two passes).
 
@@ -289,6 +290,9 @@ def mdgd_direction_(
             nor written and keep ``g_theta``, so pass 2 touches only the selected
             segments). ``"keep"`` is for callers that discard those segments'
             gradients anyway, as the driver does with ``grad = None``.
+        scale: multiplies the direction, at no extra traffic (pass 2 applies it;
+            e.g. ``1 / micro_batches`` to turn summed gradients into the mean).
+            With ``mode="ft"`` and ``scale != 1``, pass 2 runs to apply it.
     """
     if masked not in MASKED:
         raise ValueError(f"masked must be one of {MASKED}, got {masked!r}")
@@ -318,10 +322,11 @@ def mdgd_direction_(
         alpha_by=alpha_by,
         eps=eps,
         masked=masked,
+        scale=scale,
     )
     if nonfinite == "raise" and bool(coef.skipped):  # the one host sync of "raise"
         _raise_nonfinite(coef.nonfinite, layout, names)
-    if mode != "ft":
+    if mode != "ft" or scale != 1.0:
         combine(*buffers, layout.chunks, coef.coeffs)
     return MDGDResult(
         cos=coef.cos,

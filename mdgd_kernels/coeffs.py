@@ -73,9 +73,13 @@ def coefficients(
     eps: float = DEFAULT_EPS,
     skip_nonfinite: bool = True,
     masked: str = "zero",
+    scale: float = 1.0,
 ) -> Coefficients:
     """Coefficients of every segment from its Gram statistics (spec sections 4-6).
 
+    ``scale`` multiplies every row, i.e. the direction (the driver's average over
+    micro-batches and ranks, folded into pass 2 instead of a separate pass over
+    ``g_theta``; the cosines and the mask do not depend on it).
     ``masked="keep"`` gives the segments ``gm`` drops the untouched row
     ``(1, 0, 0, 0)`` instead of zeros: pass 2 then skips them entirely.
     """
@@ -101,14 +105,16 @@ def coefficients(
         weights = sizes if alpha_by == "elements" else torch.ones_like(sizes)
         mask = top_alpha_mask(cos, weights, alpha)
         m = mask.to(k.dtype)
-        c = torch.stack([m, m * a, zero, zero], dim=1)
-        if masked == "keep":
-            c[:, 0] = 1.0  # dropped rows become (1, 0, 0, 0): not read, not written
+        c = torch.stack([m, m * a, zero, zero], dim=1) * scale
+        if masked == "keep":  # dropped rows become (1, 0, 0, 0): not read, not written
+            c[:, 0] = torch.where(mask, c[:, 0], one)
     elif mode == "ft":
         mask = torch.ones_like(k, dtype=torch.bool)
-        c = torch.stack([one, zero, zero, zero], dim=1)
+        c = torch.stack([one, zero, zero, zero], dim=1) * scale
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "mdgd":
+        c = c * scale
 
     nonfinite = ~torch.isfinite(stats).all(dim=1)
     skipped = nonfinite.any()

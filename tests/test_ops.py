@@ -263,3 +263,24 @@ def test_gm_masked_keep_touches_only_selected_segments(backend, dtype, align, se
     # the selected segments get the bits of the default (Eq. 12, oracle-tested above)
     zero, _ = _run(bufs, sizes, backend, **kw)
     assert torch.equal(zero[keep], d[keep]) and not zero[~keep].any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mode", ["mdgd", "mdgd-noalign", "gm-a0.1", "gm-a0.3-noalign", "ft"])
+def test_scale_multiplies_the_direction(backend, dtype, mode, seed):
+    """A power-of-two scale commutes with every rounding: the bits of scale * d, except
+    where scale * d falls below the dtype's normal range (fp16 subnormals round)."""
+    sizes, kw = LAYOUTS["1-7-4097"] + [300, 2], MODES[mode]
+    bufs = make_buffers(sizes, dtype, seed=seed)
+    plain, res = _run(bufs, sizes, backend, **kw)
+    scaled, res_s = _run(bufs, sizes, backend, scale=0.25, **kw)
+    want = plain * 0.25
+    normal = want.abs() >= torch.finfo(dtype).tiny
+    assert torch.equal(scaled[normal], want[normal])
+    assert ((scaled - want)[~normal].abs() <= torch.finfo(dtype).tiny).all()
+    assert torch.equal(res_s.cos, res.cos) and torch.equal(res_s.mask, res.mask)
+    if kw["mode"] == "gm":  # dropped segments keep g_theta's bits, selected ones are scaled
+        kept, _ = _run(bufs, sizes, backend, scale=0.25, masked="keep", **kw)
+        keep = torch.repeat_interleave(res.mask, torch.tensor(sizes))
+        assert torch.equal(kept[keep], scaled[keep]) and torch.equal(kept[~keep], bufs[0][~keep])
