@@ -90,11 +90,12 @@ def engine_class(mode: str):
     class Recompute(MDGDEngine):
         """backward(L_vl) frees its graph; L_v is recomputed by two more forwards."""
 
-        def _backward_mdgd(self, batch):
+        def _backward_mdgd(self, batch, last):
             out_t, out_p = self.model(**batch), self.ref_model(**batch)
             self.theta.point("g")
             self.phi.point("g")
             (out_t.loss + out_p.loss).backward()
+            self._launch("g", last)
             kw = {**self.visual.forward_kwargs, "logits_to_keep": 1}
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             z_t, mask = self.visual(self.model, batch, self.model(**inputs, **kw))
@@ -103,6 +104,7 @@ def engine_class(mode: str):
             self.theta.point("h")
             self.phi.point("h")
             loss_v.backward()
+            self._launch("h", last)
             losses = torch.stack([out_t.loss.detach(), out_p.loss.detach(), loss_v.detach()])
             self._loss_sums += losses.float()
             return losses[0]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 from mdgd.bench import llava_layer_sizes, main
 
@@ -38,3 +41,22 @@ def test_bench_quick_writes_json(tmp_path, capsys):
         assert row["numel"] == sum(r["numel"] for r in data["rows"][:1])
     out = capsys.readouterr().out
     assert "measured copy bandwidth" in out and "speedup" in out
+
+
+def test_step_bench_runs_every_row_on_a_tiny_llava(tmp_path):
+    """Every row of benchmarks/bench_step.py runs against the current engine."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
+    out = tmp_path / "step.json"
+    tiny = "--steps 1 --rounds 1 --warmup 1 --batch-size 2 --text-len 8 --image-size 16"
+    tiny += " --vision-hidden 32 --text-hidden 32 --text-layers 2 --trainable-layers 1"
+    tiny += " --vocab-size 64 --heads 2 --threads 1"
+    run = subprocess.run(
+        [sys.executable, str(script), *tiny.split(), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute"]
+    assert all(r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
