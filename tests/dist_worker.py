@@ -29,7 +29,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from llava_tiny import perturbed_copy, random_batch, tiny_llava  # noqa: E402
+from llava_tiny import (  # noqa: E402
+    Examples,
+    perturbed_copy,
+    random_batch,
+    tiny_llava,
+    trainer_args,
+)
 
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns, mark_trainable  # noqa: E402
 
@@ -171,37 +177,14 @@ def scenario_timeout(rank: int, world: int, out: str) -> None:
 
 
 def scenario_trainer(rank: int, world: int, out: str) -> None:
-    import transformers
-
     from mdgd.integrations.hf import MDGDTrainer
 
-    class Examples(torch.utils.data.Dataset):
-        def __init__(self, config, n: int) -> None:
-            batch = random_batch(config, batch_size=n, seed=7)
-            self.rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-
-        def __len__(self) -> int:
-            return len(self.rows)
-
-        def __getitem__(self, i: int):
-            return self.rows[i]
-
-    args = transformers.TrainingArguments(
-        output_dir=os.path.join(out, "trainer"),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
+    args = trainer_args(
+        os.path.join(out, "trainer"),
         learning_rate=1e-2,
-        lr_scheduler_type="constant",
         max_grad_norm=1.0,
+        weight_decay=0.0,
         max_steps=3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
         ddp_backend="gloo",
         ddp_timeout=60,
     )

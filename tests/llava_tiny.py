@@ -136,3 +136,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Examples(torch.utils.data.Dataset):
+    """Single examples cut from fixed random batches (same length, no padding)."""
+
+    def __init__(self, config, n: int, seed: int = 0) -> None:
+        batch = random_batch(config, batch_size=n, seed=seed)
+        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def trainer_args(output_dir, **kw):
+    """``TrainingArguments`` for CPU tests: accumulation 2, constant lr, no saving or
+    reporting, seeded; ``kw`` overrides."""
+    import transformers
+
+    base = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=0.5,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+    )
+    base.update(kw)
+    return transformers.TrainingArguments(**base)

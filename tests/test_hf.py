@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 from llava_tiny import (
+    Examples,
     one_thread,  # noqa: F401  (fixture)
     perturbed_copy,
-    random_batch,
     tiny_llava,
+    trainer_args,
 )
 
 from mdgd import FIGURES, MDGDConfig, MDGDEngine, llava_trainable_patterns
@@ -21,20 +22,6 @@ transformers = pytest.importorskip("transformers")
 from mdgd.integrations.hf import CONFIG_NAME, TRAINABLE_NAME, MDGDTrainer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class Examples(torch.utils.data.Dataset):
-    """Single examples cut from fixed random batches (same length, no padding)."""
-
-    def __init__(self, config, n: int, seed: int = 0) -> None:
-        batch = random_batch(config, batch_size=n, seed=seed)
-        self.rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.rows[i]
 
 
 class InOrder(MDGDTrainer):
@@ -47,28 +34,6 @@ class InOrder(MDGDTrainer):
 def models():
     ref = tiny_llava(seed=0)
     return perturbed_copy(ref, seed=1), ref
-
-
-def args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        learning_rate=0.5,
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-        data_seed=0,
-        dataloader_num_workers=0,
-    )
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
 
 
 @pytest.mark.parametrize("mode", ["mdgd", "gm"])
@@ -85,7 +50,7 @@ def test_trainer_step_equals_engine_step_with_accumulation(tmp_path, mode):
         model=theta,
         ref_model=ref,
         mdgd_config=cfg,
-        args=args(tmp_path, max_steps=1),
+        args=trainer_args(tmp_path, max_steps=1),
         train_dataset=data,
     )
     trainer.optimizer = sgd(theta)
@@ -107,7 +72,7 @@ def test_trainer_logs_mdgd_figures_and_checkpoints(tmp_path):
         model=theta,
         ref_model=ref,
         mdgd_config=cfg,
-        args=args(
+        args=trainer_args(
             tmp_path,
             max_steps=3,
             save_strategy="steps",
@@ -143,7 +108,7 @@ def test_trainer_resume_from_its_checkpoint(tmp_path):
             model=theta,
             ref_model=ref,
             mdgd_config=cfg,
-            args=args(out, learning_rate=1e-2, **kw),
+            args=trainer_args(out, learning_rate=1e-2, **kw),
             train_dataset=Examples(theta.config, 8),
         )
 
@@ -163,12 +128,12 @@ def test_trainer_rejects_bad_configuration(tmp_path):
         MDGDTrainer(
             model=theta,
             ref_model=ref,
-            args=args(tmp_path),
+            args=trainer_args(tmp_path),
             mdgd_config=MDGDConfig(trainable=[r"^nothing\."]),
         )
     with pytest.raises(ValueError, match="needs ref_model"):
         MDGDTrainer(
             model=theta,
-            args=args(tmp_path),
+            args=trainer_args(tmp_path),
             mdgd_config=MDGDConfig(trainable=llava_trainable_patterns(theta, 1)),
         )
