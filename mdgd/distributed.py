@@ -388,15 +388,7 @@ class DistributedMDGD:
             mdgd_kernels.segment_combine_(
                 *bufs, self.local_layout, coef.coeffs[self.seg_of_piece], backend=cfg.backend
             )
-        return mdgd_kernels.MDGDResult(
-            cos=coef.cos,
-            k=coef.k,
-            mask=coef.mask,
-            skipped=coef.skipped,
-            stats=stats,
-            s_theta=coef.s_theta,
-            s_phi=coef.s_phi,
-        )
+        return mdgd_kernels.MDGDResult.of(coef, stats)
 
     def assign(self, skipped: bool, selected: Sequence[float]) -> None:
         """Point the pieces' ``.grad`` at the owned direction (None where masked/skipped)."""

@@ -23,7 +23,15 @@ from typing import NamedTuple
 import torch
 
 from . import _ext, _ops, torch_backend  # noqa: F401  (_ops registers the torch.library ops)
-from .coeffs import ALPHA_BY, DEFAULT_EPS, MASKED, MODES, coefficients, top_alpha_mask
+from .coeffs import (
+    ALPHA_BY,
+    DEFAULT_EPS,
+    MASKED,
+    MODES,
+    Coefficients,
+    coefficients,
+    top_alpha_mask,
+)
 from .layout import CHUNK, SegmentLayout, get_layout
 
 __all__ = [
@@ -68,6 +76,19 @@ class MDGDResult(NamedTuple):
     stats: torch.Tensor  # float32 [S, 10]: the Gram statistics of pass 1
     s_theta: torch.Tensor  # float32 [S]: gt.ht / ht.ht (Eq. 8)
     s_phi: torch.Tensor  # float32 [S]: gp.hp / hp.hp (Eq. 7)
+
+    @classmethod
+    def of(cls, coef: Coefficients, stats: torch.Tensor) -> MDGDResult:
+        """The result of a step whose statistics gave the coefficients ``coef``."""
+        return cls(
+            cos=coef.cos,
+            k=coef.k,
+            mask=coef.mask,
+            skipped=coef.skipped,
+            stats=stats,
+            s_theta=coef.s_theta,
+            s_phi=coef.s_phi,
+        )
 
 
 # --------------------------------------------------------------------------- backends
@@ -328,15 +349,7 @@ def mdgd_direction_(
         _raise_nonfinite(coef.nonfinite, layout, names)
     if mode != "ft" or scale != 1.0:
         combine(*buffers, layout.chunks, coef.coeffs)
-    return MDGDResult(
-        cos=coef.cos,
-        k=coef.k,
-        mask=coef.mask,
-        skipped=coef.skipped,
-        stats=stats,
-        s_theta=coef.s_theta,
-        s_phi=coef.s_phi,
-    )
+    return MDGDResult.of(coef, stats)
 
 
 def _raise_nonfinite(flags: torch.Tensor, layout: SegmentLayout, names) -> None:
