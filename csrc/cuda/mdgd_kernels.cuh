@@ -292,6 +292,19 @@ __device__ __forceinline__ void gram_chunk(
   }
 }
 
+// Sum each of the kStatCols accumulators over the warp into lane 0 (a fixed
+// shuffle tree: the same order on every call). T is float or double.
+template <typename T>
+__device__ __forceinline__ void warp_reduce(T (&acc)[kStatCols]) {
+#pragma unroll
+  for (int j = 0; j < kStatCols; ++j) {
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2) {
+      acc[j] += __shfl_down_sync(kFullMask, acc[j], off);
+    }
+  }
+}
+
 // Sum acc over the block (fixed order: shuffle tree in each warp, then warp 0
 // sums the warp totals in warp order) and write the 10 totals to out.
 template <int kThreads>
@@ -301,13 +314,7 @@ __device__ __forceinline__ void block_reduce_store(float (&acc)[kStatCols], floa
   __shared__ float warp_sums[kWarps][kStatCols];
   const int lane = threadIdx.x % kWarp;
   const int warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int j = 0; j < kStatCols; ++j) {
-#pragma unroll
-    for (int off = kWarp / 2; off > 0; off /= 2) {
-      acc[j] += __shfl_down_sync(kFullMask, acc[j], off);
-    }
-  }
+  warp_reduce(acc);
   if (lane == 0) {
 #pragma unroll
     for (int j = 0; j < kStatCols; ++j) {
@@ -383,13 +390,7 @@ __global__ void __launch_bounds__(kWarps* kWarp) segment_gram_finalize_kernel(
         acc[j] += static_cast<double>(row[j]);
       }
     }
-#pragma unroll
-    for (int j = 0; j < kStatCols; ++j) {
-#pragma unroll
-      for (int off = kWarp / 2; off > 0; off /= 2) {
-        acc[j] += __shfl_down_sync(kFullMask, acc[j], off);
-      }
-    }
+    warp_reduce(acc);
     if (lane == 0) {
 #pragma unroll
       for (int j = 0; j < kStatCols; ++j) {
