@@ -77,6 +77,35 @@ inline void check_table(
       " but the buffers are on ", like.device());
 }
 
+// The arguments of segment_gram: buffers, chunk table, chunk_ptr[S + 1].
+inline void check_gram_args(
+    const char* op,
+    const at::Tensor& g_theta,
+    const at::Tensor& h_theta,
+    const at::Tensor& g_phi,
+    const at::Tensor& h_phi,
+    const at::Tensor& chunks,
+    const at::Tensor& chunk_ptr) {
+  check_buffers(op, g_theta, h_theta, g_phi, h_phi);
+  check_table(op, "chunks", chunks, g_theta, 2, kChunkCols, at::kLong);
+  check_table(op, "chunk_ptr", chunk_ptr, g_theta, 1, 0, at::kLong);
+  TORCH_CHECK(chunk_ptr.numel() >= 1, op, ": chunk_ptr must have S + 1 >= 1 entries");
+}
+
+// The arguments of segment_combine_: buffers, chunk table, coeffs[S, 4] float32.
+inline void check_combine_args(
+    const char* op,
+    const at::Tensor& g_theta,
+    const at::Tensor& h_theta,
+    const at::Tensor& g_phi,
+    const at::Tensor& h_phi,
+    const at::Tensor& chunks,
+    const at::Tensor& coeffs) {
+  check_buffers(op, g_theta, h_theta, g_phi, h_phi);
+  check_table(op, "chunks", chunks, g_theta, 2, kChunkCols, at::kLong);
+  check_table(op, "coeffs", coeffs, g_theta, 2, kCoeffCols, at::kFloat);
+}
+
 namespace cpu {
 
 // Pass 1: float32 [S, 10] Gram statistics (csrc/cpu/segment_gram.cpp).

@@ -121,10 +121,8 @@ void segment_combine_(
     const at::Tensor& chunks,
     const at::Tensor& coeffs) {
   constexpr const char* op = "mdgd::segment_combine_";
-  check_buffers(op, g_theta, h_theta, g_phi, h_phi);
+  check_combine_args(op, g_theta, h_theta, g_phi, h_phi, chunks, coeffs);
   TORCH_CHECK(g_theta.device().is_cpu(), op, ": the CPU kernel got tensors on ", g_theta.device());
-  check_table(op, "chunks", chunks, g_theta, 2, kChunkCols, at::kLong);
-  check_table(op, "coeffs", coeffs, g_theta, 2, kCoeffCols, at::kFloat);
 
   const int64_t num_chunks = chunks.size(0);
   const int64_t* rows = chunks.const_data_ptr<int64_t>();

@@ -143,11 +143,8 @@ at::Tensor segment_gram(
     const at::Tensor& chunks,
     const at::Tensor& chunk_ptr) {
   constexpr const char* op = "mdgd::segment_gram";
-  check_buffers(op, g_theta, h_theta, g_phi, h_phi);
+  check_gram_args(op, g_theta, h_theta, g_phi, h_phi, chunks, chunk_ptr);
   TORCH_CHECK(g_theta.device().is_cpu(), op, ": the CPU kernel got tensors on ", g_theta.device());
-  check_table(op, "chunks", chunks, g_theta, 2, kChunkCols, at::kLong);
-  check_table(op, "chunk_ptr", chunk_ptr, g_theta, 1, 0, at::kLong);
-  TORCH_CHECK(chunk_ptr.numel() >= 1, op, ": chunk_ptr must have S + 1 >= 1 entries");
 
   const int64_t num_segments = chunk_ptr.numel() - 1;
   const int64_t num_chunks = chunks.size(0);

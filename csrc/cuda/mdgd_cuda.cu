@@ -90,10 +90,7 @@ at::Tensor segment_gram(
     const at::Tensor& chunk_ptr) {
   constexpr const char* op = "mdgd::segment_gram (CUDA)";
   check_cuda(op, g_theta);
-  check_buffers(op, g_theta, h_theta, g_phi, h_phi);
-  check_table(op, "chunks", chunks, g_theta, 2, kChunkCols, at::kLong);
-  check_table(op, "chunk_ptr", chunk_ptr, g_theta, 1, 0, at::kLong);
-  TORCH_CHECK(chunk_ptr.numel() >= 1, op, ": chunk_ptr must have S + 1 >= 1 entries");
+  check_gram_args(op, g_theta, h_theta, g_phi, h_phi, chunks, chunk_ptr);
 
   const c10::cuda::CUDAGuard guard(g_theta.device());
   const int64_t num_segments = chunk_ptr.numel() - 1;
@@ -131,9 +128,7 @@ void segment_combine_(
     const at::Tensor& coeffs) {
   constexpr const char* op = "mdgd::segment_combine_ (CUDA)";
   check_cuda(op, g_theta);
-  check_buffers(op, g_theta, h_theta, g_phi, h_phi);
-  check_table(op, "chunks", chunks, g_theta, 2, kChunkCols, at::kLong);
-  check_table(op, "coeffs", coeffs, g_theta, 2, kCoeffCols, at::kFloat);
+  check_combine_args(op, g_theta, h_theta, g_phi, h_phi, chunks, coeffs);
 
   const int64_t num_chunks = chunks.size(0);
   if (num_chunks == 0) {
