@@ -34,6 +34,16 @@ U32 = 2.0**-24  # float32 unit roundoff: the statistics are float32 (spec sectio
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 CASES = ("random", "zero_h", "zero_g_phi", "parallel", "nan", "inf")
+# every mode and option combination of the op, by test id
+MODES = {
+    "mdgd": dict(mode="mdgd"),
+    "mdgd-noalign": dict(mode="mdgd", align=False),
+    "gm-a0.1": dict(mode="gm", alpha=0.1),
+    "gm-a0.5-segments": dict(mode="gm", alpha=0.5, alpha_by="segments"),
+    "gm-a1.0": dict(mode="gm", alpha=1.0),
+    "gm-a0.3-noalign": dict(mode="gm", alpha=0.3, align=False),
+    "ft": dict(mode="ft"),
+}
 
 _PAIRS = ((0, 0), (0, 1), (1, 1), (2, 2), (2, 3), (3, 3), (0, 2), (0, 3), (1, 2), (1, 3))
 

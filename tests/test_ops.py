@@ -16,6 +16,7 @@ from conftest import (
     CASES,
     DTYPE_IDS,
     DTYPES,
+    MODES,
     assert_cos_close,
     assert_direction_close,
     assert_mask_matches,
@@ -40,15 +41,6 @@ LAYOUTS = {
     "65537": [65537],
     "chunk+-1": [CHUNK - 1, CHUNK, CHUNK + 1, 3],
     "500segs": _random_sizes(500),
-}
-MODES = {
-    "mdgd": dict(mode="mdgd"),
-    "mdgd-noalign": dict(mode="mdgd", align=False),
-    "gm-a0.1": dict(mode="gm", alpha=0.1),
-    "gm-a0.5-segments": dict(mode="gm", alpha=0.5, alpha_by="segments"),
-    "gm-a1.0": dict(mode="gm", alpha=1.0),
-    "gm-a0.3-noalign": dict(mode="gm", alpha=0.3, align=False),
-    "ft": dict(mode="ft"),
 }
 
 

@@ -43,6 +43,7 @@ from conftest import (  # noqa: E402
     CASES,
     DTYPE_IDS,
     DTYPES,
+    MODES,
     TOL,
     assert_cos_close,
     assert_direction_close,
@@ -80,15 +81,6 @@ LAYOUT_MODES = {
     "40segs": ("gm-a0.1", "gm-a0.5-segments"),
 }
 BIG = {"chunk+-1": ([CHUNK - 1, CHUNK + 1, 3], CHUNK)}  # the real chunk size: 64 blocks/chunk
-MODES = {
-    "mdgd": dict(mode="mdgd"),
-    "mdgd-noalign": dict(mode="mdgd", align=False),
-    "gm-a0.1": dict(mode="gm", alpha=0.1),
-    "gm-a0.5-segments": dict(mode="gm", alpha=0.5, alpha_by="segments"),
-    "gm-a1.0": dict(mode="gm", alpha=1.0),
-    "gm-a0.3-noalign": dict(mode="gm", alpha=0.3, align=False),
-    "ft": dict(mode="ft"),
-}
 AS_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
