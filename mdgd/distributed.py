@@ -5,9 +5,10 @@ gradients is not the average of per-rank MDGD: the four gradient sets are
 reduced across the ranks *before* the statistics pass. The engine owns the
 collectives (no DDP wrapper: DDP averages only the first of two backward calls).
 
-``"dp"`` (data-parallel): after the last micro-batch's ``g`` backward the ``g``
-buffers of both models are all-reduced (SUM, asynchronously, in buckets of
-``dist_bucket_mb``) while the ``h`` backward runs; the ``h`` buffers follow.
+``"dp"`` (data-parallel): during the last micro-batch's two backward calls the
+four buffers are all-reduced (SUM, asynchronously) in buckets of
+``dist_bucket_mb``, each bucket as soon as gradient hooks report it complete
+(in one fixed order on every rank), while autograd computes the rest.
 Every rank then runs the fused op on identical buffers and divides the
 direction by the number of micro-batches over all ranks, which is the
 single-process step on the union of the ranks' micro-batches (the direction is
@@ -35,8 +36,10 @@ hanging.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -160,6 +163,8 @@ class DistributedMDGD:
         self.bucket = max(1, int(cfg.dist_bucket_mb * 2**20) // engine.theta.dtype.itemsize)
         self._pending: list[tuple[Any, str]] = []
         self._launched: list[str] = []
+        self._armed: str | None = None  # dp: the buffer whose backward is under way
+        self.early_buckets = 0  # dp: buckets all-reduced from a hook, inside a backward
 
         self._check_agreement(_fingerprint(engine, mode))
         theta = engine.theta
@@ -170,6 +175,7 @@ class DistributedMDGD:
         else:
             self._broadcast_params()
             self.optimizer = optimizer
+            self._setup_buckets()
 
     # ------------------------------------------------------------------ collectives
 
@@ -229,6 +235,85 @@ class DistributedMDGD:
 
     def _global_rank(self, r: int) -> int:
         return r if self.group is None else dist.get_global_rank(self.group, r)
+
+    # ------------------------------------------------------------------ dp buckets
+
+    def _setup_buckets(self) -> None:
+        """Buckets of the flat buffers, and a gradient hook per trainable parameter.
+
+        Both models have the same layout, so one bucket table serves the four
+        buffers. While a backward is *armed* (the last micro-batch's, see
+        :meth:`arm`), the hook of a parameter whose gradient is complete counts
+        it off the buckets it overlaps; buckets are all-reduced in one fixed
+        order on every rank (last bucket first, theta before phi: the order in
+        which a backward completes them), each as soon as it and all before it
+        are complete, while the backward goes on with the rest. Collectives
+        must be issued in the same order on every rank, so a bucket that is
+        complete early waits for its turn, as in DDP.
+        """
+        n = self.engine.theta.numel
+        self.buckets = [(lo, min(lo + self.bucket, n)) for lo in range(0, n, self.bucket)]
+        self._param_buckets: list[range] = []
+        counts = [0] * len(self.buckets)
+        start = 0
+        for size in self.engine.theta.sizes:
+            touched = range(start // self.bucket, (start + size - 1) // self.bucket + 1)
+            touched = touched if size else range(0)
+            for k in touched:
+                counts[k] += 1
+            self._param_buckets.append(touched)
+            start += size
+        self._counts = counts
+        self._order = [
+            (side, k) for k in reversed(range(len(self.buckets))) for side in range(len(self.sides))
+        ]
+        me = weakref.ref(self)
+        for side, fg in enumerate(self.sides):
+            for j, p in enumerate(fg.params):
+                p.register_post_accumulate_grad_hook(functools.partial(_grad_ready, me, side, j))
+
+    def arm(self, kind: str) -> None:
+        """The next backward fills buffer ``kind`` for the last time before the step."""
+        if self.mode == "dp":
+            self._armed = kind
+            self._left = [list(self._counts) for _ in self.sides]
+            self._complete: set[tuple[int, int]] = set()
+            self._fired: set[tuple[int, int]] = set()
+            self._next = 0
+
+    def _ready(self, side: int, j: int) -> None:
+        if self._armed is None:
+            return
+        if (side, j) in self._fired:  # its bucket may be on the wire already
+            raise RuntimeError(
+                f"mdgd: {self.sides[side].names[j]} received its gradient twice in one "
+                "backward (reentrant activation checkpointing over a shared weight?); its "
+                "bucket may already be all-reduced. Use non-reentrant checkpointing "
+                "(use_reentrant=False)"
+            )
+        self._fired.add((side, j))
+        left = self._left[side]
+        for k in self._param_buckets[j]:
+            left[k] -= 1
+            if left[k] == 0:
+                self._complete.add((side, k))
+        self._send_in_order(self._armed, final=False)
+
+    def _send_in_order(self, kind: str, final: bool) -> None:
+        """Send the buckets of ``kind`` in ``_order`` up to the first incomplete one
+        (all of them when ``final``)."""
+        while self._next < len(self._order):
+            side, k = self._order[self._next]
+            if not final and (side, k) not in self._complete:
+                break
+            self._next += 1
+            lo, hi = self.buckets[k]
+            work = dist.all_reduce(
+                self.sides[side].buffers[kind][lo:hi], group=self.group, async_op=True
+            )
+            self._pending.append((work, f"reduction of the {kind} buffer"))
+            if not final:
+                self.early_buckets += 1
 
     # ------------------------------------------------------------------ sharded set-up
 
@@ -306,24 +391,22 @@ class DistributedMDGD:
     # ------------------------------------------------------------------ per step
 
     def launch(self, kind: str) -> None:
-        """Start the reduction of buffer ``kind`` of both models (asynchronous)."""
+        """Start the reduction of buffer ``kind`` of both models (asynchronous);
+        in ``"dp"`` the buckets a gradient hook has not sent yet."""
         if kind in self._launched:
             return
         self._launched.append(kind)
-        for i, fg in enumerate(self.sides):
-            if kind not in fg.buffers:
-                continue
-            what = f"reduction of the {kind} buffer"
-            if self.mode == "sharded":
+        if self.mode == "sharded":
+            for i in range(len(self.sides)):
                 work = _reduce_scatter_single(
                     self.shard[(i, kind)], self.full[(i, kind)], group=self.group, async_op=True
                 )
-                self._pending.append((work, what))
-                continue
-            buf = fg.buffers[kind]
-            for lo in range(0, buf.numel(), self.bucket):
-                work = dist.all_reduce(buf[lo : lo + self.bucket], group=self.group, async_op=True)
-                self._pending.append((work, what))
+                self._pending.append((work, f"reduction of the {kind} buffer"))
+            return
+        if self._armed != kind:  # no armed backward filled it (e.g. L_v had no graph)
+            self.arm(kind)
+        self._send_in_order(kind, final=True)
+        self._armed = None
 
     @property
     def launched(self) -> bool:
@@ -349,6 +432,7 @@ class DistributedMDGD:
         """After a failed backward: wait for what was started, so the buffers are free."""
         pending, self._pending = self._pending, []
         self._launched.clear()
+        self._armed = None
         for work, what in pending:
             self._wait(work, what)
 
@@ -420,6 +504,14 @@ class DistributedMDGD:
         for gr in grads:
             gr.mul_(scale.to(gr.dtype))
         return norm
+
+
+def _grad_ready(ref: weakref.ref, side: int, j: int, _param: torch.Tensor) -> None:
+    """``post_accumulate_grad`` hook; a weak reference, so that hooks left on a model
+    keep no engine alive (and do nothing once it is gone)."""
+    owner = ref()
+    if owner is not None:
+        owner._ready(side, j)
 
 
 def check_micro_batches(total: float, n: int, world: int) -> None:

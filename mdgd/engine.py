@@ -269,6 +269,11 @@ class MDGDEngine:
         self._micro += 1
         return loss
 
+    def _arm(self, kind: str, last: bool) -> None:
+        """Before the last backward into ``kind``: its buckets may be sent as they fill."""
+        if last and self.dist is not None:
+            self.dist.arm(kind)
+
     def _launch(self, kind: str, last: bool) -> None:
         if last and self.dist is not None:
             self.dist.launch(kind)
@@ -276,6 +281,7 @@ class MDGDEngine:
     def _backward_ft(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
         loss = _loss_of(self.model(**batch), "model")
         self.theta.point("g")
+        self._arm("g", last)
         self._scaled(loss).backward()
         self._launch("g", last)
         loss = loss.detach()
@@ -294,11 +300,13 @@ class MDGDEngine:
 
         self.theta.point("g")
         self.phi.point("g")
+        self._arm("g", last)
         self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
         self._launch("g", last)  # overlaps the h backward, which does not touch g
         if loss_v.requires_grad:  # False only when no trainable parameter feeds pi(X^v)
             self.theta.point("h")
             self.phi.point("h")
+            self._arm("h", last)
             self._scaled(loss_v).backward()
         self._launch("h", last)
         losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
@@ -475,7 +483,7 @@ class MDGDEngine:
         if self.optimizer is None:
             raise RuntimeError("this engine has no optimizer: use compute_direction() and step it")
         if batch is not None:
-            self.backward(batch)
+            self.backward(batch, last=True)
         figures = self.compute_direction()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)

@@ -54,6 +54,11 @@ CASES = [
     ("mdgd", "dp", {"granularity": "block:700"}, "adamw"),
     ("mdgd", "sharded", {"granularity": "block:700"}, "adamw"),
     ("gm", "sharded", {"alpha": 0.4, "granularity": "global"}, "adamw"),
+    # 2 KB buckets (512 fp32 elements): most of them are all-reduced from the gradient
+    # hooks while the backward still runs
+    ("mdgd", "dp", {"dist_bucket_mb": 2**-9}, "adamw"),
+    ("gm", "dp", {"alpha": 0.3, "dist_bucket_mb": 2**-9}, "sgd"),
+    ("ft", "dp", {"dist_bucket_mb": 2**-9}, "sgd"),
 ]
 
 
@@ -85,7 +90,8 @@ def optimizer_for(name: str):
 
 
 def run_case(case, rank: int, world: int):
-    """Final trainable parameters (float64, flat) and per-step figures of one case."""
+    """Final trainable parameters (float64, flat), per-step figures, and the number of
+    buckets all-reduced from inside a backward ("dp"), of one case."""
     mode, dmode, extra, optim = case
     theta, ref = models()
     pats = patterns(theta)
@@ -102,7 +108,7 @@ def run_case(case, rank: int, world: int):
         figures.append(engine.step(batch_for(theta.config, rank, step)))
     params = dict(theta.named_parameters())
     flat = torch.cat([params[n].detach().reshape(-1).double() for n in engine.param_names])
-    return flat, figures
+    return flat, figures, engine.dist.early_buckets
 
 
 def scenario_steps(rank: int, world: int, out: str) -> None:

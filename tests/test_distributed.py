@@ -138,7 +138,9 @@ def test_pieces_cover_the_range_in_order():
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_two_ranks_equal_one_process_on_the_union(step_results, case):
     key = case_id(case)
-    (p0, f0), (p1, f1) = step_results[0][key], step_results[1][key]
+    (p0, f0, early0), (p1, f1, early1) = step_results[0][key], step_results[1][key]
+    if case[2].get("dist_bucket_mb"):  # small buckets: sent from the hooks, mid-backward
+        assert early0 > 0 and early0 == early1, f"{key}: {early0}, {early1} early buckets"
     # every rank ends with the same parameters, bit for bit
     assert torch.equal(p0, p1), f"{key}: the ranks' parameters differ"
     want, want_figs, engine = reference(case)
@@ -318,3 +320,20 @@ def test_one_rank_group_equals_no_group(one_rank_group, dmode):
     if dmode == "sharded":
         with pytest.raises(NotImplementedError, match="sharded"):
             engine.save_checkpoint("unused")
+
+
+def test_a_gradient_accumulated_twice_in_one_backward_is_refused(one_rank_group):
+    """A parameter whose gradient hook fires twice in the last backward (its bucket may
+    be on the wire already) raises instead of reducing a half-written bucket."""
+    theta, ref = models()
+    pats = patterns(theta)
+    mark_trainable(theta, pats)
+    opt = torch.optim.SGD([p for p in theta.parameters() if p.requires_grad], lr=0.1)
+    engine = MDGDEngine(theta, ref, opt, MDGDConfig(trainable=pats, distributed="dp"))
+    last = len(engine.theta.params) - 1
+    # a second report of theta's last parameter, as reentrant checkpointing could give
+    engine.theta.params[last].register_post_accumulate_grad_hook(
+        lambda p: engine.dist._ready(0, last)
+    )
+    with pytest.raises(RuntimeError, match="received its gradient twice"):
+        engine.step(batch_for(theta.config, 0, 0))
