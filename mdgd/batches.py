@@ -90,11 +90,14 @@ class MicroBatch:
         )
 
 
-def step_figures(figures: torch.Tensor, sums: torch.Tensor, n: int, mode: str) -> torch.Tensor:
-    """The step's figures with the non-finite rule applied and the two fractions appended.
+def step_figures(
+    figures: torch.Tensor, sums: torch.Tensor, n: int, mode: str, updated: torch.Tensor
+) -> torch.Tensor:
+    """The step's figures with the non-finite rule applied and the last three appended.
 
     ``figures`` is the float64 vector in ``FIGURES`` order up to ``"skipped"``;
-    ``sums`` the :data:`SUMS` summed over the step's ``n`` micro-batches (all ranks).
+    ``sums`` the :data:`SUMS` summed over the step's ``n`` micro-batches (all ranks);
+    ``updated`` the ``updated_fraction`` (:mod:`mdgd.budget`).
     """
     sums = sums.double()
     no_signal = sums[4] == 0
@@ -102,7 +105,7 @@ def step_figures(figures: torch.Tensor, sums: torch.Tensor, n: int, mode: str) -
     figures = figures.clone()
     figures[SKIPPED] = torch.maximum(figures[SKIPPED], bad.double())
     text = sums[3] / n if mode != "ft" else torch.full_like(sums[3], math.nan)
-    return torch.cat([figures, torch.stack([text, sums[4] / n])])
+    return torch.cat([figures, torch.stack([text, sums[4] / n, updated.double()])])
 
 
 def nonfinite_reason(figures: Mapping[str, float], result: Any, names: Sequence[str]) -> str:

@@ -49,6 +49,7 @@ from torch import nn
 import mdgd_kernels
 
 from .batches import SUMS, MicroBatch, nonfinite_reason, step_figures
+from .budget import FreezeUnselected, updated_fraction
 from .buffers import FlatGrads, Segments, segment_layout
 from .config import MDGDConfig, mark_trainable
 from .distributed import DistributedMDGD, check_micro_batches, reject_wrapped, resolve_mode
@@ -67,6 +68,7 @@ FIGURES = (
     "skipped",
     "text_only_fraction",
     "supervised_fraction",
+    "updated_fraction",
 )
 """Keys of the dict :meth:`MDGDEngine.step` returns (all floats):
 
@@ -83,7 +85,10 @@ FIGURES = (
   no supervised token in any micro-batch (:mod:`mdgd.batches`);
 * ``text_only_fraction``: fraction of the micro-batches with no image token
   (``L_v = 0``, no ``h`` backward); NaN in ``ft``;
-* ``supervised_fraction``: fraction of the micro-batches with a supervised token.
+* ``supervised_fraction``: fraction of the micro-batches with a supervised token;
+* ``updated_fraction``: fraction of trainable elements the optimizer may change:
+  ``selected_fraction``, unless MDGD-GM with ``"block:K"`` runs without
+  ``freeze_unselected`` (then whole tensors with a selected block; :mod:`mdgd.budget`).
 """
 
 
@@ -174,6 +179,9 @@ class MDGDEngine:
             self.dist = DistributedMDGD(self, self.dist_mode, optimizer, process_group)
             self.optimizer = self.dist.optimizer
         self._world = self.dist.world if self.dist is not None else 1
+        self.freeze = FreezeUnselected.for_engine(self)
+        if self.freeze is not None and self.optimizer is not None:
+            self.freeze.attach(self.optimizer)
 
         self.last_result: mdgd_kernels.MDGDResult | None = None
         self.last_conflict_cos: torch.Tensor | None = None
@@ -357,7 +365,10 @@ class MDGDEngine:
                 figures, selected = self._figures_ft(n_all)
             else:
                 figures, selected = self._direction_mdgd(n_all)
-            figures = step_figures(figures, self._loss_sums, n_all, cfg.mode)
+            sizes = torch.tensor(self.theta.sizes, device=self.device)
+            frozen = self.freeze is not None
+            updated = updated_fraction(cfg.mode, figures[5], selected, sizes, frozen)
+            figures = step_figures(figures, self._loss_sums, n_all, cfg.mode, updated)
             parts = [figures, selected.to(figures.dtype)]
             if total is not None:
                 parts.append(total[-1:].to(figures.dtype))
@@ -371,6 +382,8 @@ class MDGDEngine:
         if skipped and self.scaler is None and cfg.nonfinite == "raise":
             self._raise_nonfinite(out)
         self._assign_direction(skipped, values[len(FIGURES) :])
+        if self.freeze is not None:
+            self.freeze.select(self.last_result.mask, values[len(FIGURES) :], skipped)
         self.last_figures = out
         self.step_count += 1
         return out
@@ -457,7 +470,7 @@ class MDGDEngine:
             return figs, res.mask.expand(len(self.theta.params))
         hits = torch.zeros(len(self.theta.params), device=self.device)
         hits.index_add_(0, self._owner, res.mask.float())
-        return figs, hits > 0
+        return figs, hits  # selected segments per parameter
 
     def _raise_nonfinite(self, figures: dict[str, float]) -> None:
         for fg in (self.theta, self.phi):

@@ -115,6 +115,12 @@ class MDGDTrainer(Trainer):
             self._keep_model_unwrapped()
         self._mdgd_logs: list[dict[str, float]] = []
 
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.engine.freeze is not None:  # MDGD-GM "block:K": keep unselected blocks
+            self.engine.freeze.attach(optimizer)
+        return optimizer
+
     def training_step(
         self,
         model: nn.Module,
