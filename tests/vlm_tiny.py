@@ -19,62 +19,54 @@ VOCAB = 96
 TEXT_LEN = 6
 
 
+# the smallest sizes every family accepts: hidden 32, 2 heads, 16x16 images
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+VIT = dict(
+    image_size=16,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+)
+QWEN_VIT = dict(
+    depth=1,
+    embed_dim=32,
+    hidden_size=32,
+    num_heads=2,
+    patch_size=4,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    in_channels=3,
+)
+
+
 def _text(**kw) -> dict:
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return {**base, **kw}
+    return {**TEXT, **kw}
 
 
 def _clip(**kw) -> dict:
-    base = dict(
-        model_type="clip_vision_model",
-        image_size=16,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        projection_dim=32,
-    )
-    return {**base, **kw}
+    return {**VIT, "model_type": "clip_vision_model", "projection_dim": 32, **kw}
 
 
 def _siglip(**kw) -> dict:
-    base = dict(
-        model_type="siglip_vision_model",
-        image_size=16,
-        patch_size=8,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-    )
-    return {**base, **kw}
+    return {**VIT, "model_type": "siglip_vision_model", **kw}
 
 
 def _qwen_vision(**kw) -> dict:
-    base = dict(
-        depth=1,
-        embed_dim=32,
-        hidden_size=32,
-        num_heads=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        in_channels=3,
-    )
-    return {**base, **kw}
+    return {**QWEN_VIT, **kw}
 
 
 def _qwen_ids() -> dict:
@@ -125,17 +117,9 @@ def _config(family: str):
         return T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_qwen_ids())
     if family in ("idefics3", "smolvlm"):
         cls = T.Idefics3Config if family == "idefics3" else T.SmolVLMConfig
-        vision = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=16,
-            patch_size=4,
-        )
         return cls(
             text_config=_text(model_type="llama"),
-            vision_config=vision,
+            vision_config={**VIT, "patch_size": 4},
             image_token_id=IMAGE_TOKEN_ID,
             scale_factor=2,
         )
