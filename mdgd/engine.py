@@ -48,7 +48,7 @@ from torch import nn
 
 import mdgd_kernels
 
-from .batches import SUMS, MicroBatch, nonfinite_reason, step_figures
+from .batches import MicroBatch, nonfinite_reason, step_figures
 from .budget import FreezeUnselected, updated_fraction
 from .buffers import FlatGrads, Segments, segment_layout
 from .config import MDGDConfig, mark_trainable
@@ -224,7 +224,8 @@ class MDGDEngine:
 
     def _reset(self) -> None:
         self._micro = 0
-        self._loss_sums = torch.zeros(len(SUMS), dtype=torch.float32, device=self.device)
+        self._loss_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
+        self._counts = torch.zeros(2, dtype=torch.float32, device=self.device)  # MicroBatch
 
     @property
     def num_micro_batches(self) -> int:
@@ -268,22 +269,22 @@ class MDGDEngine:
                 "or step() first"
             )
         batch = self._prepare(batch)
-        mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
+        self._mb = mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
         if self._micro == 0:
             self.theta.zero_()
             if self.phi is not None:
                 self.phi.zero_()
         try:
             if self.config.mode == "ft":
-                loss = self._backward_ft(batch, last, mb)
+                loss = self._backward_ft(batch, last)
             else:
-                loss = self._backward_mdgd(batch, last, mb)
+                loss = self._backward_mdgd(batch, last)
         except BaseException:
             self._reset()  # the partial accumulation is discarded
             if self.dist is not None:
                 self.dist.discard()
             raise
-        self._loss_sums[3:] += mb.counts(self.device)
+        self._counts += mb.counts(self.device)
         self._micro += 1
         return loss
 
@@ -296,7 +297,8 @@ class MDGDEngine:
         if last and self.dist is not None:
             self.dist.launch(kind)
 
-    def _backward_ft(self, batch: dict[str, Any], last: bool, mb: MicroBatch) -> torch.Tensor:
+    def _backward_ft(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
+        mb = self._mb
         loss = mb.task_loss(self.model(**batch), "model")
         self.theta.point("g")
         self._arm("g", last)
@@ -307,7 +309,8 @@ class MDGDEngine:
         self._loss_sums[0] += loss
         return loss
 
-    def _backward_mdgd(self, batch: dict[str, Any], last: bool, mb: MicroBatch) -> torch.Tensor:
+    def _backward_mdgd(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
+        mb = self._mb
         kw = self.visual.forward_kwargs if not mb.text_only else {}
         out_t = self.model(**batch, **kw)
         out_p = self.ref_model(**batch, **kw)
@@ -333,7 +336,7 @@ class MDGDEngine:
             self._scaled(loss_v).backward()
         self._launch("h", last)
         losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
-        self._loss_sums[:3] += losses.float()
+        self._loss_sums += losses.float()
         return losses[0]
 
     # ------------------------------------------------------------------ the step
@@ -357,8 +360,8 @@ class MDGDEngine:
         try:
             total = None
             if self.dist is not None:  # the four buffers and the loss sums, over all ranks
-                total = self.dist.finish(self._loss_sums, n)
-                self._loss_sums = total[:-1]
+                total = self.dist.finish(torch.cat([self._loss_sums, self._counts]), n)
+                self._loss_sums, self._counts = total[:3], total[3:5]
             # every rank runs n micro-batches (checked below, after the step's one sync)
             n_all = n * self._world
             if cfg.mode == "ft":
@@ -368,10 +371,10 @@ class MDGDEngine:
             sizes = torch.tensor(self.theta.sizes, device=self.device)
             frozen = self.freeze is not None
             updated = updated_fraction(cfg.mode, figures[5], selected, sizes, frozen)
-            figures = step_figures(figures, self._loss_sums, n_all, cfg.mode, updated)
+            figures = step_figures(figures, self._loss_sums, self._counts, n_all, cfg.mode, updated)
             parts = [figures, selected.to(figures.dtype)]
             if total is not None:
-                parts.append(total[-1:].to(figures.dtype))
+                parts.append(total[5:].to(figures.dtype))
             values = torch.cat(parts).tolist()  # the one sync
         finally:
             self._reset()
@@ -450,7 +453,7 @@ class MDGDEngine:
         selected_fraction = (res.mask.double() * sizes).sum() / sizes.sum()
         figs = torch.cat(
             [
-                self._loss_sums[:3].double() / n,
+                self._loss_sums.double() / n,
                 torch.stack(
                     [
                         cos.mean(),
