@@ -180,6 +180,7 @@ class MDGDEngine:
             self.optimizer = self.dist.optimizer
         self._world = self.dist.world if self.dist is not None else 1
         self.freeze = FreezeUnselected.for_engine(self)
+        self._param_sizes = torch.tensor(self.theta.sizes, device=self.device)
         if self.freeze is not None and self.optimizer is not None:
             self.freeze.attach(self.optimizer)
 
@@ -368,9 +369,8 @@ class MDGDEngine:
                 figures, selected = self._figures_ft(n_all)
             else:
                 figures, selected = self._direction_mdgd(n_all)
-            sizes = torch.tensor(self.theta.sizes, device=self.device)
             frozen = self.freeze is not None
-            updated = updated_fraction(cfg.mode, figures[5], selected, sizes, frozen)
+            updated = updated_fraction(cfg.mode, figures[5], selected, self._param_sizes, frozen)
             figures = step_figures(figures, self._loss_sums, self._counts, n_all, cfg.mode, updated)
             parts = [figures, selected.to(figures.dtype)]
             if total is not None:

@@ -104,3 +104,42 @@ def test_gm_at_theta_equal_phi_keeps_alpha(backend, alpha_by):
     print(
         f"{backend} {alpha_by}: selected {figures['selected_fraction']:.4f} changed {measured:.4f}"
     )
+
+
+def test_trainer_freezes_the_unselected_blocks(tmp_path):
+    """MDGDTrainer's own AdamW (weight decay on) changes exactly the selected blocks."""
+    from llava_tiny import Examples, trainer_args
+
+    from mdgd.integrations.hf import MDGDTrainer
+
+    engine, theta, ref, *_ = build("gm", alpha=0.1, granularity=f"block:{K}")
+    args = trainer_args(
+        tmp_path,
+        max_steps=1,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        train_sampling_strategy="sequential",
+    )
+    trainer = MDGDTrainer(
+        model=theta,
+        ref_model=ref,
+        mdgd_config=engine.config,
+        args=args,
+        train_dataset=Examples(theta.config, 4),
+    )
+    trainer.create_optimizer()
+    step = trainer.optimizer.step
+    changed = []
+
+    def stepped(*a, **kw):  # record the elements the whole optimizer step changes
+        before = _flat(trainer.engine)
+        out = step(*a, **kw)
+        changed.append(_flat(trainer.engine) != before)
+        return out
+
+    trainer.optimizer.step = stepped
+    trainer.train()
+    selected = _selected_elements(trainer.engine)
+    assert len(changed) == 1 and changed[0].any()
+    assert not (changed[0] & ~selected).any(), "the Trainer's AdamW moved an unselected block"
+    assert changed[0].double().mean() <= 0.1 + K / trainer.engine.theta.numel

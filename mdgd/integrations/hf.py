@@ -18,6 +18,11 @@ and checkpointing see the direction as if it were the gradient.
   ``TrainingArguments.max_grad_norm``; the Trainer clips the direction (in
   ``"dp"`` mode every rank holds the same averaged direction, so the norm is
   the global one).
+* A LLaVA data mix works as is: text-only micro-batches (``L_v = 0``) and
+  micro-batches whose labels are all -100 (``L_vl = 0``) train; a step with no
+  supervised token at all is a non-finite step (``MDGDConfig.nonfinite``).
+* MDGD-GM with ``"block:K"``: the optimizer the Trainer builds (or is given) is
+  hooked so that unselected blocks stay unchanged (``freeze_unselected``).
 * Gradient accumulation: micro-batches are weighted equally (each one's losses
   are per-micro-batch means); ``num_items_in_batch`` token weighting is not used.
 * Mixed precision: accelerate autocasts only the prepared model, so the
