@@ -56,7 +56,9 @@ class MicroBatch:
     supervised: torch.Tensor  # bool [] on the device: some label is not -100
 
     @classmethod
-    def of(cls, visual: Any, model: torch.nn.Module, batch: Mapping[str, Any], mode: str):
+    def of(
+        cls, visual: Any, model: torch.nn.Module, batch: Mapping[str, Any], mode: str
+    ) -> MicroBatch:
         text_only = mode != "ft" and is_text_only(visual, model, batch)
         return cls(text_only, has_supervised_token(batch["labels"]))
 

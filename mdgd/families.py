@@ -174,7 +174,8 @@ def _not_found(model: nn.Module, named: dict[str, Any]) -> str:
 
 
 def config_modules(config: Any) -> TrainableModules:
-    """:class:`TrainableModules` from a config: ``FAMILY_MODULES`` names, checked by nobody."""
+    """:class:`TrainableModules` from a config: the ``FAMILY_MODULES`` names of its
+    ``model_type`` (no model to check them against) and its number of text layers."""
     family = getattr(config, "model_type", None)
     text = getattr(config, "text_config", config)
     total = getattr(text, "num_hidden_layers", None)

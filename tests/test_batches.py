@@ -22,7 +22,8 @@ from llava_tiny import (
 from step_oracle import independent
 from test_engine import assert_update_matches, build, flat_params
 
-from mdgd.batches import MicroBatch
+from mdgd import FIGURES
+from mdgd.batches import SKIPPED, MicroBatch
 from mdgd.reference import reference_direction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -101,6 +102,10 @@ def test_micro_batch_without_supervised_token_adds_nothing_to_g():
     engine.backward(batch)
     assert not engine.theta.buffers["g"].any() and not engine.phi.buffers["g"].any()
     assert engine.theta.buffers["h"].any(), "its L_v still counts"
+
+
+def test_skipped_index_matches_the_figures():
+    assert FIGURES.index("skipped") == SKIPPED
 
 
 def test_task_loss_zeroes_only_a_loss_over_no_token():
