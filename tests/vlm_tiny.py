@@ -139,6 +139,60 @@ def _config(family: str):
             boi_token_index=7,
             eoi_token_index=8,
         )
+    if family == "qwen3_vl":
+        text = _text(
+            model_type="qwen3_vl_text",
+            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]},
+        )
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=32,
+            deepstack_visual_indexes=[0],
+            num_position_embeddings=16,
+        )
+        return T.Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_ids())
+    if family == "aya_vision":
+        return T.AyaVisionConfig(
+            vision_config=_siglip(),
+            text_config=_text(model_type="cohere2"),
+            image_token_index=IMAGE_TOKEN_ID,
+            downsample_factor=2,
+        )
+    if family == "internvl":
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=[16, 16],
+            patch_size=[8, 8],
+        )
+        return T.InternVLConfig(
+            vision_config=vision,
+            text_config=_text(model_type="qwen2"),
+            image_token_id=IMAGE_TOKEN_ID,
+        )
+    if family == "idefics2":
+        perceiver = dict(
+            hidden_size=32,
+            resampler_n_latents=4,
+            resampler_depth=1,
+            resampler_n_heads=2,
+            resampler_head_dim=16,
+            num_key_value_heads=2,
+        )
+        return T.Idefics2Config(
+            text_config=_text(model_type="mistral"),
+            vision_config={**VIT, "patch_size": 4},
+            perceiver_config=perceiver,
+            image_token_id=IMAGE_TOKEN_ID,
+        )
     raise ValueError(family)
 
 
@@ -153,6 +207,10 @@ FAMILIES = (
     "smolvlm",
     "paligemma",
     "gemma3",
+    "qwen3_vl",
+    "aya_vision",
+    "internvl",
+    "idefics2",
 )
 
 
@@ -166,10 +224,21 @@ def build(family: str, seed: int = 0):
     return model.eval()
 
 
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def _count(model, pixels: dict) -> int:
+    """Image tokens per image, counted with the model (newlines, pooling, resamplers)."""
+    with torch.no_grad():
+        feats = model.model.get_image_features(**pixels)
+    feats = getattr(feats, "pooler_output", feats)
+    return int(feats[0].shape[0]) if isinstance(feats, (list, tuple)) else int(feats.shape[1])
+
+
 def _pixels(model, batch_size: int, gen: torch.Generator) -> tuple[dict, int]:
     """The family's image inputs for one image per row, and the image tokens per image."""
     family = model.config.model_type
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in QWEN:
         vc = model.config.vision_config
         grid = (1, 4, 4)  # t, h, w patches: 16 patches, merged 2x2 into 4 tokens
         per_patch = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
@@ -179,20 +248,17 @@ def _pixels(model, batch_size: int, gen: torch.Generator) -> tuple[dict, int]:
             2
         ] // vc.spatial_merge_size**2
     size = model.config.vision_config.image_size
-    if family in ("idefics3", "smolvlm"):
-        px = torch.randn(batch_size, 1, 3, size, size, generator=gen)
-        patches = (size // model.config.vision_config.patch_size) ** 2
-        return {"pixel_values": px}, patches // model.config.scale_factor**2
-    if family in ("llava_next", "llava_onevision"):
-        px = torch.randn(batch_size, 2, 3, size, size, generator=gen)  # base + one tile
-        sizes = torch.tensor([[size, size]] * batch_size)
-        with torch.no_grad():  # newline tokens and unpadding: count with the model
-            feats = model.model.get_image_features(pixel_values=px, image_sizes=sizes).pooler_output
-        return {"pixel_values": px, "image_sizes": sizes}, int(feats[0].shape[0])
-    px = torch.randn(batch_size, 3, size, size, generator=gen)
-    if family == "gemma3":
-        return {"pixel_values": px}, model.config.mm_tokens_per_image
-    return {"pixel_values": px}, (size // model.config.vision_config.patch_size) ** 2
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if family in ("idefics2", "idefics3", "smolvlm"):
+        pixels = {"pixel_values": torch.randn(batch_size, 1, 3, size, size, generator=gen)}
+    elif family in ("llava_next", "llava_onevision"):
+        pixels = {
+            "pixel_values": torch.randn(batch_size, 2, 3, size, size, generator=gen),  # base + tile
+            "image_sizes": torch.tensor([[size, size]] * batch_size),
+        }
+    else:
+        pixels = {"pixel_values": torch.randn(batch_size, 3, size, size, generator=gen)}
+    return pixels, _count(model, pixels)
 
 
 def image_batch(model, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -207,7 +273,7 @@ def image_batch(model, batch_size: int = 2, seed: int = 0) -> dict[str, torch.Te
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, **pixels}
     family = model.config.model_type
     is_image = (ids == IMAGE_TOKEN_ID).long()
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in QWEN:
         batch["mm_token_type_ids"] = is_image
     elif family == "gemma3":
         batch["token_type_ids"] = is_image
