@@ -27,7 +27,13 @@ from torch import nn
 class FreezeUnselected:
     """Keeps the unselected blocks of partly selected parameters through an optimizer step."""
 
-    def __init__(self, params: Sequence[nn.Parameter], owner: Sequence[int], sizes: Sequence[int]):
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        owner: Sequence[int],
+        sizes: Sequence[int],
+        device: torch.device,
+    ) -> None:
         self.params = list(params)
         self.segments = [0] * len(self.params)  # segments per parameter
         for o in owner:
@@ -35,7 +41,7 @@ class FreezeUnselected:
         self.first = [0] * len(self.params)  # index of each parameter's first segment
         for j in range(1, len(self.params)):
             self.first[j] = self.first[j - 1] + self.segments[j - 1]
-        self.sizes = torch.tensor(list(sizes), dtype=torch.int64)
+        self.sizes = torch.tensor(list(sizes), dtype=torch.int64, device=device)
         self._partial: list[tuple[nn.Parameter, torch.Tensor]] = []
         self._saved: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         self._hooked: set[int] = set()
@@ -47,7 +53,8 @@ class FreezeUnselected:
         wanted = cfg.mode == "gm" and cfg.block_size is not None and cfg.freeze_unselected
         if not wanted or engine.dist_mode == "sharded":
             return None
-        return cls(engine.theta.params, engine.segments.param_index, engine.segments.sizes)
+        segs = engine.segments
+        return cls(engine.theta.params, segs.param_index, segs.sizes, engine.device)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Run around every ``optimizer.step()`` (idempotent)."""
@@ -65,8 +72,9 @@ class FreezeUnselected:
         for j, (p, h) in enumerate(zip(self.params, hits)):
             if 0 < h < self.segments[j]:
                 lo, hi = self.first[j], self.first[j] + self.segments[j]
-                sizes = self.sizes[lo:hi].to(mask.device)
-                keep = torch.repeat_interleave(mask[lo:hi], sizes, output_size=p.numel())
+                keep = torch.repeat_interleave(
+                    mask[lo:hi], self.sizes[lo:hi], output_size=p.numel()
+                )
                 self._partial.append((p, keep.view(p.shape)))
 
     def _before(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
