@@ -2,8 +2,9 @@
 
 The mask selects blocks, but the optimizer steps whole tensors: a parameter with
 one selected block keeps its ``.grad`` (zero in its other blocks), and AdamW's
-momentum and weight decay then move the zero-gradient blocks too (with
-``alpha=0.1``, 38-56% of the elements moved in a measured run). With
+momentum and weight decay then move the zero-gradient blocks too (on the
+tests' tiny LLaVA with ``alpha=0.1`` and ``K=64``, 72-86% of the elements moved
+per AdamW step, against 10% selected). With
 ``MDGDConfig(freeze_unselected=True)`` (the default) :class:`FreezeUnselected`
 hooks the optimizer: before its step it copies the partly selected parameters
 and their same-shaped state tensors (moments, momentum buffers); after the step
