@@ -193,6 +193,14 @@ def _config(family: str):
             perceiver_config=perceiver,
             image_token_id=IMAGE_TOKEN_ID,
         )
+    if family == "mistral3":
+        vision = {**VIT, "model_type": "pixtral", "patch_size": 4, "head_dim": 16}
+        return T.Mistral3Config(
+            vision_config=vision,
+            text_config=_text(model_type="mistral"),
+            image_token_index=IMAGE_TOKEN_ID,
+            spatial_merge_size=2,
+        )
     raise ValueError(family)
 
 
@@ -211,6 +219,7 @@ FAMILIES = (
     "aya_vision",
     "internvl",
     "idefics2",
+    "mistral3",
 )
 
 
@@ -258,6 +267,8 @@ def _pixels(model, batch_size: int, gen: torch.Generator) -> tuple[dict, int]:
         }
     else:
         pixels = {"pixel_values": torch.randn(batch_size, 3, size, size, generator=gen)}
+        if family == "mistral3":
+            pixels["image_sizes"] = torch.tensor([[size, size]] * batch_size)
     return pixels, _count(model, pixels)
 
 
