@@ -330,7 +330,7 @@ class MDGDEngine:
         if mb.check_loss_path(loss_t + loss_p, self.theta.names):
             self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
         self._launch("g", last)  # overlaps the h backward, which does not touch g
-        if loss_v.requires_grad:  # False only when no trainable parameter feeds pi(X^v)
+        if loss_v.requires_grad:  # False when text-only or no trainable parameter feeds pi(X^v)
             self.theta.point("h")
             self.phi.point("h")
             self._arm("h", last)
