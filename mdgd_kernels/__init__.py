@@ -171,7 +171,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def _kernels(name: str):
     if name == "torch":
-        return torch_backend.segment_gram, torch_backend.segment_combine_
+        return torch.ops.mdgd.segment_gram_torch, torch.ops.mdgd.segment_combine_torch_
     if name == "triton":
         mod = _triton_module()
         return mod.segment_gram, mod.segment_combine_
