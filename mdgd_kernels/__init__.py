@@ -141,8 +141,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 _warned_fallback = True
                 warnings.warn(
                     "mdgd: the compiled CPU kernels (mdgd_kernels._C) did not load "
-                    f"({_ext.error}); falling back to the slower composed-torch backend. "
-                    "Rebuild with `pip install --no-build-isolation -e .`.",
+                    f"({_ext.error}); falling back to the slower composed-torch backend. To get "
+                    f"them, {_ext.REBUILD}.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
