@@ -302,7 +302,9 @@ def mdgd_direction_(
         nonfinite: ``"raise"`` raises ``FloatingPointError`` naming the first
             segment with NaN/Inf, before anything is written (one host sync);
             ``"skip"`` leaves every buffer untouched and sets ``result.skipped``
-            on the device (no host sync).
+            on the device (no host sync). Under ``torch.compile(fullgraph=True)``
+            use ``"skip"`` and a :class:`SegmentLayout`: the host sync of
+            ``"raise"`` and building a layout from ``sizes`` break the graph.
         eps: relative threshold under which a projected norm is degenerate.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None (auto).
         names: optional segment names, used in error messages.
