@@ -5,10 +5,11 @@
 * An extension whose build record says it was built against another torch, or
   not built at all, is never loaded: import falls back to the torch backend,
   warns once, and says why (and to rebuild); a record of this torch loads it.
-* Slow (about 2 minutes on 2 cores, most of it installing torch 2.13.0 into a
+* Slow (about 2 minutes on 2 cores, half of it installing torch 2.13.0 into a
   fresh venv): ``pip install --no-build-isolation`` of the sdist with a broken
-  compiler (``CXX=false``) succeeds, and the installed package warns once and
-  gives the oracle's direction on the torch backend (tests/install_smoke.py).
+  compiler (``CXX=false``, or one that fails every compile) succeeds, and the
+  installed package warns once and gives the oracle's direction on the torch
+  backend (tests/install_smoke.py).
   CI's sdist step (.ci/run) installs the same sdist with a working compiler.
 """
 
@@ -160,11 +161,33 @@ def fresh_venv(tmp_path_factory) -> Path:
     return python
 
 
+# passes the compiler checks of torch.utils.cpp_extension, then fails every compile
+FAILING_CXX = """#!/bin/sh
+case "$1" in -v|--version|-dumpversion|-dumpfullversion) exec c++ "$@";; esac
+echo "simulated compile failure" >&2
+exit 1
+"""
+
+
+def _broken_compiler(kind: str, tmp: Path) -> str:
+    if kind == "false":  # no working compiler at all: cpp_extension's version probe fails
+        return "false"
+    script = tmp / "failing-c++"
+    script.write_text(FAILING_CXX)
+    script.chmod(0o755)
+    return str(script)
+
+
 @pytest.mark.slow
-def test_install_with_a_broken_compiler_succeeds_and_falls_back(fresh_venv, sdist, tmp_path):
-    env = {**os.environ, "CXX": "false", "CC": "false"}
+@pytest.mark.parametrize("compiler", ["false", "failing-compile"])
+def test_install_with_a_broken_compiler_succeeds_and_falls_back(
+    fresh_venv, sdist, tmp_path, compiler
+):
+    cxx = _broken_compiler(compiler, tmp_path)
+    env = {**os.environ, "CXX": cxx, "CC": cxx}
     env.pop("PYTHONPATH", None)
     env.pop("MDGD_BACKEND", None)
+    _run([fresh_venv, "-m", "pip", "uninstall", "-y", "-q", "mdgd"], env=env)
     cmd = [fresh_venv, "-m", "pip", "install", "-v", "--no-build-isolation", sdist]
     log = _run(cmd, env=env, timeout=PIP_TIMEOUT_S)
     assert "mdgd_kernels._C was NOT built" in log.stdout + log.stderr
