@@ -107,8 +107,8 @@ def _build_ext_class():
                 except Exception as exc:  # any compiler, linker or toolchain failure
                     reason = f"the build failed: {type(exc).__name__}: {exc}".strip()
                     _say(
-                        f"the C++ extension {PACKAGE}._C was NOT built ({reason}); the "
-                        "compiler's message is above.",
+                        f"the C++ extension {PACKAGE}._C was NOT built ({reason}); the build "
+                        "log above says more.",
                         "installing without it: the ops run on the slower composed-torch "
                         "backend. Fix the toolchain and reinstall to get the compiled kernels.",
                     )
