@@ -1,5 +1,6 @@
 """The ``mdgd`` command: ``mdgd demo`` (visual forgetting, in the shape of the paper's
-Table 1, on a laptop CPU) and ``mdgd bench`` (the fused-op benchmark)."""
+Table 1, on a laptop CPU), ``mdgd bench`` (the fused-op benchmark) and ``mdgd info``
+(versions, extension and backends, for bug reports)."""
 
 from __future__ import annotations
 
@@ -136,10 +137,10 @@ def demo_main(argv: list[str] | None = None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mdgd",
-        description="Modality-Decoupled Gradient Descent: demo and benchmark.",
+        description="Modality-Decoupled Gradient Descent: demo, benchmark and diagnostics.",
         epilog="Run 'mdgd demo --help' or 'mdgd bench --help' for the options of each.",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,bench,info}")
     sub.add_parser(
         "demo",
         help="visual-forgetting experiment: fine-tuning vs MDGD on a small LLaVA (minutes, CPU)",
@@ -148,19 +149,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", help="benchmark the fused MDGD ops against pure-torch versions", add_help=False
     )
+    sub.add_parser(
+        "info",
+        help="versions, the compiled extension's state and the backends: paste it into bug "
+        "reports (the same as python -m mdgd_kernels.info)",
+        add_help=False,
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0] not in ("demo", "bench"):
+    if not argv or argv[0] not in ("demo", "bench", "info"):
         parser.parse_args(argv)  # prints help/usage, or the error for an unknown command
         parser.print_help()
         return 2
     command, rest = argv[0], argv[1:]
     if command == "demo":
         demo_main(rest)
+    elif command == "info":
+        from mdgd_kernels.info import main as info_main
+
+        info_main(rest)
     else:
         from mdgd.bench import main as bench_main  # lazy: the demo never needs the op benchmark
 

@@ -141,8 +141,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 _warned_fallback = True
                 warnings.warn(
                     "mdgd: the compiled CPU kernels (mdgd_kernels._C) did not load "
-                    f"({_ext.error}); falling back to the slower composed-torch backend. "
-                    "Rebuild with `pip install --no-build-isolation -e .`.",
+                    f"({_ext.error}); falling back to the slower composed-torch backend. To get "
+                    f"them, {_ext.REBUILD}.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -171,7 +171,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def _kernels(name: str):
     if name == "torch":
-        return torch_backend.segment_gram, torch_backend.segment_combine_
+        return torch.ops.mdgd.segment_gram_torch, torch.ops.mdgd.segment_combine_torch_
     if name == "triton":
         mod = _triton_module()
         return mod.segment_gram, mod.segment_combine_
@@ -302,7 +302,9 @@ def mdgd_direction_(
         nonfinite: ``"raise"`` raises ``FloatingPointError`` naming the first
             segment with NaN/Inf, before anything is written (one host sync);
             ``"skip"`` leaves every buffer untouched and sets ``result.skipped``
-            on the device (no host sync).
+            on the device (no host sync). Under ``torch.compile(fullgraph=True)``
+            use ``"skip"`` and a :class:`SegmentLayout`: the host sync of
+            ``"raise"`` and building a layout from ``sizes`` break the graph.
         eps: relative threshold under which a projected norm is degenerate.
         backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None (auto).
         names: optional segment names, used in error messages.

@@ -11,6 +11,13 @@ CPU and CUDA kernels with ``TORCH_LIBRARY_IMPL``, which take precedence. Fake
 (meta) kernels make both ops traceable by ``torch.compile``. The Triton kernels
 are separate ops (``mdgd::segment_gram_triton`` ...), defined in
 ``mdgd_kernels.triton``, because they share the CUDA dispatch key with csrc/.
+
+``backend="torch"`` is a pair of separate ops too, ``mdgd::segment_gram_torch``
+and ``mdgd::segment_combine_torch_``, with only the composed-torch kernel: once
+the extension has taken the CPU key, ``mdgd::segment_gram`` no longer reaches
+it, and as an opaque op under ``torch.compile`` it runs the same kernel as in
+eager mode, so compiled code gives the same bits (inductor would reorder the
+float64 ``index_add_`` of an inlined one).
 """
 
 from __future__ import annotations
@@ -29,10 +36,6 @@ COMBINE_SCHEMA = (
 )
 
 _lib = torch.library.Library("mdgd", "DEF")
-_lib.define("segment_gram" + GRAM_SCHEMA)
-_lib.define("segment_combine_" + COMBINE_SCHEMA)
-_lib.impl("segment_gram", torch_backend.segment_gram, "CompositeExplicitAutograd")
-_lib.impl("segment_combine_", torch_backend.segment_combine_, "CompositeExplicitAutograd")
 
 
 def gram_fake(g_theta, h_theta, g_phi, h_phi, chunks, chunk_ptr):
@@ -43,5 +46,16 @@ def combine_fake(g_theta, h_theta, g_phi, h_phi, chunks, coeffs):
     return None
 
 
-torch.library.register_fake("mdgd::segment_gram", gram_fake, lib=_lib)
-torch.library.register_fake("mdgd::segment_combine_", combine_fake, lib=_lib)
+def _define(suffix: str) -> None:
+    """``mdgd::segment_gram{suffix}`` and ``mdgd::segment_combine{suffix}_``."""
+    for name, schema, kernel, fake in (
+        (f"segment_gram{suffix}", GRAM_SCHEMA, torch_backend.segment_gram, gram_fake),
+        (f"segment_combine{suffix}_", COMBINE_SCHEMA, torch_backend.segment_combine_, combine_fake),
+    ):
+        _lib.define(name + schema)
+        _lib.impl(name, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"mdgd::{name}", fake, lib=_lib)
+
+
+_define("")  # the public ops: the compiled extension adds CPU and CUDA kernels
+_define("_torch")  # backend="torch": the composed-torch kernel on every device

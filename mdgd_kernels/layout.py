@@ -96,13 +96,22 @@ def _not_compiled(fn):
     return wrapper
 
 
-@_not_compiled  # host-side cache; pass a prebuilt layout into compiled code
 def get_layout(
     sizes: Sequence[int] | SegmentLayout, device: torch.device | str, chunk: int = CHUNK
 ) -> SegmentLayout:
-    """The cached layout of ``sizes`` on ``device`` (a layout passes through)."""
+    """The cached layout of ``sizes`` on ``device`` (a layout passes through).
+
+    A layout passes through untouched, which ``torch.compile`` traces; building
+    one from ``sizes`` is a host-side cache look-up that it does not, so compiled
+    code with ``fullgraph=True`` must be given a prebuilt layout.
+    """
     if isinstance(sizes, SegmentLayout):
         return sizes
+    return _layout_of(sizes, device, chunk)
+
+
+@_not_compiled  # host-side cache; pass a prebuilt layout into compiled code
+def _layout_of(sizes: Sequence[int], device: torch.device | str, chunk: int) -> SegmentLayout:
     key = tuple(int(s) for s in sizes)
     if not key:
         raise ValueError("sizes is empty: give at least one segment size")

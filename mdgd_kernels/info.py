@@ -1,0 +1,117 @@
+"""``python -m mdgd_kernels.info`` (or ``mdgd info``): what a bug report needs.
+
+Prints the package version; the torch, CUDA and Triton versions; whether the
+compiled extension (C++ kernels, CUDA kernels) loaded, and why not; the torch it
+was built against and the CUDA architectures it was compiled for; the backends
+available per device and the one ``backend=None`` picks; and the thread counts.
+Paste the whole output into the issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+import mdgd_kernels as mk
+from mdgd_kernels import _ext
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda() -> str:
+    if torch.version.cuda is None:
+        return "none (a CPU build of torch)"
+    if not torch.cuda.is_available():
+        return f"{torch.version.cuda} (torch's build); no GPU visible"
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return f"{torch.version.cuda} (torch's build); {len(gpus)} GPU(s): {', '.join(gpus)}"
+
+
+def _triton() -> str:
+    version = _version("triton")
+    if version is None:
+        return "not installed"
+    mod = mk._triton_module()
+    return version + ("" if mod.available else f" (the triton backend is unusable: {mod.error})")
+
+
+def _extension() -> dict[str, str]:
+    record = _ext.build
+    if _ext.available:
+        cpp = f"loaded ({_ext._C.__file__})"
+        cuda = "compiled in" if _ext.cuda_available else "not compiled in (a CPU-only build)"
+    else:
+        cpp = f"not loaded: {type(_ext.error).__name__}: {_ext.error}"
+        cuda = "not loaded (no extension)"
+    if record is None:
+        unknown = "unknown (no build record: built by an older setup.py, or never built)"
+        torch_built, archs = unknown, unknown
+    else:
+        torch_built = record["torch"]
+        archs = record["cuda_archs"] or "none (built without CUDA)"
+    return {
+        "C++ extension": cpp,
+        "CUDA kernels": cuda,
+        "built against torch": torch_built,
+        "CUDA architectures": archs,
+    }
+
+
+def _backends(device: str) -> str:
+    names = mk.available_backends(device)
+    with warnings.catch_warnings():  # the fallback warning: the extension row says why
+        warnings.simplefilter("ignore")
+        picked = mk.resolve_backend(None, torch.device(device))
+    return f"{', '.join(names)}; backend=None picks {picked!r}"
+
+
+def collect() -> dict[str, str]:
+    """Every field of the report, by label, in print order."""
+    package = Path(mk.__file__).resolve().parent.parent
+    return {
+        "mdgd": f"{_version('mdgd') or 'unknown (not installed)'} (imported from {package})",
+        "python": f"{platform.python_version()} ({platform.platform()})",
+        "torch": str(torch.__version__),
+        "CUDA": _cuda(),
+        "Triton": _triton(),
+        **_extension(),
+        "backends on cpu": _backends("cpu"),
+        "backends on cuda": _backends("cuda") if torch.cuda.is_available() else "no GPU visible",
+        "MDGD_BACKEND": os.environ.get("MDGD_BACKEND") or "unset",
+        "threads": (
+            f"{torch.get_num_threads()} intra-op, {torch.get_num_interop_threads()} inter-op "
+            f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"
+        ),
+    }
+
+
+def report() -> str:
+    """The report as printed: one ``label: value`` line per field."""
+    fields = collect()
+    width = max(map(len, fields))
+    return "\n".join(f"{label + ':':<{width + 1}} {value}" for label, value in fields.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(
+        prog="python -m mdgd_kernels.info",
+        description="Print the versions, the compiled extension's state and the backends of "
+        "this installation of mdgd: paste it into bug reports.",
+    ).parse_args(argv)
+    print(report())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
