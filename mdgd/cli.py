@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Modality-Decoupled Gradient Descent: demo and benchmark.",
         epilog="Run 'mdgd demo --help' or 'mdgd bench --help' for the options of each.",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,bench}")
+    sub = p.add_subparsers(dest="command", metavar="{demo,bench,train}")
     sub.add_parser(
         "demo",
         help="visual-forgetting experiment: fine-tuning vs MDGD on a small LLaVA (minutes, CPU)",
@@ -148,17 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", help="benchmark the fused MDGD ops against pure-torch versions", add_help=False
     )
+    sub.add_parser(
+        "train",
+        help="fine-tune a LLaVA-family checkpoint on LLaVA-format data with MDGD (docs/train.md)",
+        add_help=False,
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0] not in ("demo", "bench"):
+    if not argv or argv[0] not in ("demo", "bench", "train"):
         parser.parse_args(argv)  # prints help/usage, or the error for an unknown command
         parser.print_help()
         return 2
     command, rest = argv[0], argv[1:]
+    if command == "train":
+        from mdgd.train import main as train_main  # lazy: imports transformers
+
+        return train_main(rest)
     if command == "demo":
         demo_main(rest)
     else:
