@@ -212,8 +212,19 @@ def probe_batches(dataset: LlavaDataset, n: int, pad_id: int, batch_size: int = 
     ]
 
 
-def run(opts: TrainArguments, args) -> dict[str, Any]:
-    """Train as the flags say; returns the summary (also printed and saved)."""
+@dataclass
+class Run:
+    """What :func:`prepare` builds: train with ``run.trainer.train()``, or :func:`run`."""
+
+    trainer: Any
+    processor: Any
+    dataset: LlavaDataset
+    monitor: Any
+    ref_model: torch.nn.Module | None
+
+
+def prepare(opts: TrainArguments, args) -> Run:
+    """Load the model, processor and data, and build the Trainer and the monitor."""
     from .integrations.hf import MDGDTrainer
     from .monitor import ForgettingMonitor
 
@@ -255,12 +266,18 @@ def run(opts: TrainArguments, args) -> dict[str, Any]:
             max_new_tokens=opts.eval_max_new_tokens,
         )
         trainer.add_callback(monitor)
+    return Run(trainer, processor, train_set, monitor, ref)
+
+
+def run(opts: TrainArguments, args, r: Run | None = None) -> dict[str, Any]:
+    """Train as the flags say (``r``: what :func:`prepare` built); returns the summary."""
+    r = r if r is not None else prepare(opts, args)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    result = r.trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     seconds = time.perf_counter() - start
-    out = save_final(trainer, processor, opts.mode, args.output_dir)
-    summary = make_summary(trainer, result, seconds, train_set, monitor, out)
-    if trainer.is_world_process_zero():
+    out = save_final(r.trainer, r.processor, opts.mode, args.output_dir)
+    summary = make_summary(r.trainer, result, seconds, r.dataset, r.monitor, out)
+    if r.trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=1)
         print(format_summary(summary))

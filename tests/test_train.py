@@ -1,0 +1,356 @@
+"""``mdgd train`` end to end on tiny LLaVA and LLaVA-NeXT checkpoints on disk (CPU, offline).
+
+The checkpoints (tokenizer built with ``tokenizers``, image processor, chat
+template, processor, random weights) and the 48-sample dataset (PNG images, a
+third text-only, some multi-turn) are built once per session (:mod:`tiny_vlm`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from llava_tiny import one_thread  # noqa: F401  (fixture)
+from tiny_vlm import IMAGE_SIZES, save_tiny_model, write_dataset
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+
+from mdgd.data import IGNORE, LlavaDataset  # noqa: E402
+from mdgd.monitor import HISTORY_NAME, PLOT_NAME  # noqa: E402
+from mdgd.train import SUMMARY_NAME, build_parser, main, prepare, run  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """{family: folder with data.json, images/ and model/}, built once."""
+    out = {}
+    for family in ("llava", "llava_next"):
+        d = tmp_path_factory.mktemp(family)
+        write_dataset(d, IMAGE_SIZES[family])
+        save_tiny_model(family, d / "model")
+        out[family] = d
+    return out
+
+
+def flags(d, out, mode="mdgd", **kw) -> list[str]:
+    """The command line of a short, seeded, CPU run on ``d``'s data."""
+    base = {
+        "model": d / "model",
+        "data": d / "data.json",
+        "image-folder": d / "images",
+        "mode": mode,
+        "output_dir": out,
+        "train-layers": 2,
+        "max_steps": 12,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "monitor-steps": 4,
+        "monitor-samples": 8,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": "true",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "use_cpu": "true",
+    }
+    base.update(kw)
+    return [a for k, v in base.items() if v is not None for a in (f"--{k}", str(v))]
+
+
+def parse(argv):
+    return build_parser().parse_args_into_dataclasses(args=argv)
+
+
+def trainable_state(path) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+# ---------------------------------------------------------------------- labels and data
+
+
+def test_labels_supervise_the_assistant_turns_only(tiny):
+    """Sample s01 (image, two turns) against its hand-written token list and mask."""
+    d = tiny["llava"]
+    ds = LlavaDataset(d / "data.json", AutoProcessor.from_pretrained(d / "model"), d / "images")
+    enc = ds[1]
+    tokens = ds.processor.tokenizer.convert_ids_to_tokens(enc["input_ids"])
+    prompt1 = ["USER", ":"] + ["<image>"] * 4 + "what colour is the square ? ASSISTANT :".split()
+    prompt2 = "USER : and the shape ? ASSISTANT :".split()
+    want = (
+        [(t, False) for t in prompt1]
+        + [("green", True), ("</s>", True)]
+        + [(t, False) for t in prompt2]
+        + [("square", True), ("</s>", True)]
+    )
+    assert list(zip(tokens, (enc["labels"] != IGNORE).tolist())) == want
+    sup = enc["labels"] != IGNORE
+    assert torch.equal(enc["labels"][sup], enc["input_ids"][sup])
+    assert enc["pixel_values"].shape == (1, 3, 16, 16)
+    assert len(ds) == 48 and ds.num_text_only == 16 and ds.dropped == []
+    text_only = ds[2]
+    assert "pixel_values" not in text_only
+    assert (text_only["input_ids"] != ds.image_token_id).all()
+
+
+def test_labels_of_the_second_family(tiny):
+    """LLaVA-NeXT, byte-level BPE: the supervised runs decode to the answers and their </s>."""
+    d = tiny["llava_next"]
+    proc = AutoProcessor.from_pretrained(d / "model")
+    ds = LlavaDataset(d / "data.json", proc, d / "images")
+    for i, answers in ((1, ["green</s>", "square</s>"]), (2, ["three</s>"])):
+        enc = ds[i]
+        sup = (enc["labels"] != IGNORE).int()
+        edges = torch.nonzero(torch.diff(torch.cat([torch.zeros(1), sup, torch.zeros(1)])))
+        runs = edges.flatten().tolist()
+        got = [
+            proc.tokenizer.decode(enc["input_ids"][a:b]).strip()
+            for a, b in zip(runs[::2], runs[1::2])
+        ]
+        assert got == answers
+    # a 16x32 picture is tiled differently from a 16x16 one: more image tokens
+    counts = {int((ds[i]["input_ids"] == ds.image_token_id).sum()) for i in (0, 1)}
+    assert len(counts) == 2
+
+
+def test_truncation_keeps_what_fits_and_drops_cut_answers(tiny):
+    d = tiny["llava"]
+    proc = AutoProcessor.from_pretrained(d / "model")
+    ds = LlavaDataset(d / "data.json", proc, d / "images", max_length=20)
+    assert ds.dropped == []
+    enc = ds[1]  # 26 tokens: the second answer is cut
+    assert enc["input_ids"].shape[0] == 20
+    sup = enc["labels"][enc["labels"] != IGNORE]
+    assert proc.tokenizer.convert_ids_to_tokens(sup) == ["green", "</s>"]
+    with pytest.warns(UserWarning, match=r"dropped 32 of 48 sample\(s\) whose answers"):
+        ds = LlavaDataset(d / "data.json", proc, d / "images", max_length=13)
+    assert len(ds) == 16 and ds.num_text_only == 16  # every image sample's answer was cut
+
+
+# ---------------------------------------------------------------------- training runs
+
+
+@pytest.mark.parametrize(
+    "family, mode",
+    [
+        ("llava", "mdgd"),
+        ("llava", "gm"),
+        ("llava", "ft"),
+        ("llava", "lora"),
+        ("llava_next", "mdgd"),
+    ],
+)
+def test_train_mode(tiny, tmp_path, family, mode):
+    d = tiny[family]
+    opts, args = parse(flags(d, tmp_path, mode=mode))
+    r = prepare(opts, args)
+    ref_before = None
+    if r.ref_model is not None:
+        ref_before = {k: v.clone() for k, v in r.ref_model.state_dict().items()}
+    summary = run(opts, args, r)
+
+    logs = r.trainer.state.log_history
+    losses = [h["loss"] for h in logs if "loss" in h]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    eranks = [h for h in logs if "mdgd/erank" in h]
+    assert [h["step"] for h in eranks] == [1, 4, 8, 12]
+    assert all(h["mdgd/erank"] > 1.0 and h["mdgd/erank_ref"] > 1.0 for h in eranks)
+    assert (tmp_path / PLOT_NAME).exists() and (tmp_path / HISTORY_NAME).exists()
+    if mode in ("mdgd", "gm"):
+        loss_v = [h["mdgd/loss_v"] for h in logs if "mdgd/loss_v" in h]
+        assert loss_v[0] == 0.0 and all(v > 0.0 for v in loss_v[1:])  # theta == phi at first
+        after = r.ref_model.state_dict()
+        assert all(torch.equal(v, after[k]) for k, v in ref_before.items()), "phi changed"
+    if mode == "gm":
+        fractions = [h["mdgd/selected_fraction"] for h in logs if "loss" in h]
+        assert all(f < 0.5 for f in fractions[1:]), fractions  # alpha 0.1 (step 1: all cos tie)
+
+    # the final model reloads with from_pretrained (LoRA: merged) and is the trained one
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    model = r.trainer.model
+    trained = model.merge_and_unload() if mode == "lora" else model
+    pre = AutoModelForImageTextToText.from_pretrained(d / "model")
+    changed = 0
+    for (name, a), b, c in zip(
+        reloaded.state_dict().items(), trained.state_dict().values(), pre.state_dict().values()
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        changed += not torch.equal(a, c)
+    assert changed > 0
+    assert AutoProcessor.from_pretrained(tmp_path).chat_template
+    saved = json.loads((tmp_path / SUMMARY_NAME).read_text())
+    assert saved["steps"] == 12 and saved["text_only_samples"] == 16
+    assert saved["final_loss"] == losses[-1] == summary["final_loss"]
+
+
+def test_resume_equals_the_uninterrupted_run(tiny, tmp_path):
+    d = tiny["llava"]
+    common = dict(max_steps=6, **{"monitor-steps": 0})
+    assert main(flags(d, tmp_path / "full", **common)) == 0
+    half = flags(d, tmp_path / "half", save_strategy="steps", save_steps=3, **common)
+    assert main(half) == 0
+    shutil.rmtree(tmp_path / "half" / "checkpoint-6")
+    assert main(half + ["--resume_from_checkpoint", str(tmp_path / "half" / "checkpoint-3")]) == 0
+    full, resumed = trainable_state(tmp_path / "full"), trainable_state(tmp_path / "half")
+    start = trainable_state(d / "model")
+    assert any(not torch.equal(full[k], start[k]) for k in full)
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+
+
+def test_two_processes_equal_one_process_on_the_union(tiny, tmp_path):
+    """torchrun, 2 gloo ranks in dp mode, batch 2 each == 1 process, 2 micro-batches of 2."""
+    d = tiny["llava"]
+    common = dict(max_steps=4, per_device_train_batch_size=2, **{"monitor-steps": 2})
+    argv = flags(d, tmp_path / "two", ddp_backend="gloo", ddp_timeout=120, **common)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "mdgd",
+        "train",
+        *argv,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert main(flags(d, tmp_path / "one", gradient_accumulation_steps=2, **common)) == 0
+    two, one = trainable_state(tmp_path / "two"), trainable_state(tmp_path / "one")
+    start = trainable_state(d / "model")
+    assert any(not torch.equal(one[k], start[k]) for k in one)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+    s_two = json.loads((tmp_path / "two" / SUMMARY_NAME).read_text())
+    s_one = json.loads((tmp_path / "one" / SUMMARY_NAME).read_text())
+    assert s_two["figures"]["mdgd/erank"] == pytest.approx(s_one["figures"]["mdgd/erank"], 1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def _fails(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) >= 1 and err[-1].startswith("mdgd train: error: ")
+    return err[-1]
+
+
+def _data_copy(d, tmp_path, edit) -> str:
+    rows = json.loads((d / "data.json").read_text())
+    edit(rows)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(rows))
+    return str(path)
+
+
+def test_missing_image_names_the_sample_and_path(tiny, tmp_path, capsys):
+    d = tiny["llava"]
+
+    def rename(rows):
+        rows[4]["image"] = "nowhere.png"
+
+    line = _fails(capsys, flags(d, tmp_path, data=_data_copy(d, tmp_path, rename)))
+    assert "sample 4 (id 's04'): image not found: " in line
+    assert line.endswith(str(d / "images" / "nowhere.png"))
+
+
+def test_malformed_json_names_the_line(tiny, tmp_path, capsys):
+    d = tiny["llava"]
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b",, }\n]')
+    line = _fails(capsys, flags(d, tmp_path, data=bad))
+    assert f"{bad}: not valid JSON at line 3, column 13" in line
+    rows = (d / "data.json").read_text()
+    lines = [json.dumps(r) for r in json.loads(rows)[:3]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([lines[0], lines[1], lines[2][:-5]]) + "\n")
+    assert f"{bad}: line 3: not valid JSON" in _fails(capsys, flags(d, tmp_path, data=bad))
+
+
+def test_malformed_entry_names_the_sample(tiny, tmp_path, capsys):
+    d = tiny["llava"]
+
+    def drop_turns(rows):
+        rows[7]["conversations"] = [{"from": "robot", "value": "hi"}]
+
+    line = _fails(capsys, flags(d, tmp_path, data=_data_copy(d, tmp_path, drop_turns)))
+    assert "sample 7 (id 's07'): turn 0 must be" in line
+
+
+def test_image_count_mismatch(tiny, tmp_path, capsys):
+    d = tiny["llava"]
+
+    def no_placeholder(rows):
+        rows[3]["conversations"][0]["value"] = "what colour is it ?"
+
+    line = _fails(capsys, flags(d, tmp_path, data=_data_copy(d, tmp_path, no_placeholder)))
+    assert (
+        "sample 3 (id 's03'): 0 <image> placeholder(s) in the conversation but 1 image(s)" in line
+    )
+
+
+def test_unsupported_model(tiny, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    ).save_pretrained(tmp_path / "llama")
+    line = _fails(capsys, flags(tiny["llava"], tmp_path, model=tmp_path / "llama"))
+    assert "LlamaForCausalLM (model_type 'llama') is not a supported vision-language model" in line
+
+
+def test_cli_help_lists_the_flags(capsys):
+    from mdgd.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--model",
+        "--data",
+        "--image_folder",
+        "--mode",
+        "--alpha",
+        "--no_align",
+        "--train_layers",
+        "--no_projector",
+        "--trainable",
+        "--max_length",
+        "--monitor_steps",
+        "--eval_data",
+        "--learning_rate",
+    ):
+        assert flag in out, flag
