@@ -212,9 +212,9 @@ def test_resume_equals_the_uninterrupted_run(tiny, tmp_path):
 
 
 def test_two_processes_equal_one_process_on_the_union(tiny, tmp_path):
-    """torchrun, 2 gloo ranks in dp mode, batch 2 each == 1 process, 2 micro-batches of 2."""
+    """torchrun, 2 gloo ranks in dp mode, batch 4 each == 1 process, 2 micro-batches of 4."""
     d = tiny["llava"]
-    common = dict(max_steps=4, per_device_train_batch_size=2, **{"monitor-steps": 2})
+    common = dict(max_steps=4, per_device_train_batch_size=4, **{"monitor-steps": 2})
     argv = flags(d, tmp_path / "two", ddp_backend="gloo", ddp_timeout=120, **common)
     cmd = [
         sys.executable,
