@@ -57,6 +57,14 @@ class MDGDConfig:
             it raises instead of hanging (gloo; under NCCL the process group's
             own timeout applies to the per-step collectives, see the doc).
         dist_bucket_mb: size of the all-reduce buckets of ``"dp"`` mode, in MB.
+        max_grad_norm: clip the direction's global norm to this before the
+            optimizer steps (:meth:`MDGDEngine.step`; ``MDGDTrainer`` passes it to
+            the Trainer's own clipping); None: no clipping.
+        freeze_unselected: MDGD-GM with ``"block:K"``: restore the unselected
+            blocks of partly selected parameters, and their optimizer moments,
+            after each optimizer step, so that exactly the selected elements
+            change (momentum and weight decay would otherwise move the zero-gradient
+            blocks). Costs a copy of the partly selected tensors and their moments.
     """
 
     mode: str = "mdgd"
@@ -72,6 +80,8 @@ class MDGDConfig:
     distributed: str = "auto"
     dist_timeout_s: float = 600.0
     dist_bucket_mb: float = 25.0
+    max_grad_norm: float | None = None
+    freeze_unselected: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,6 +96,8 @@ class MDGDConfig:
             raise ValueError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
         if not float(self.dist_bucket_mb) > 0.0:
             raise ValueError(f"dist_bucket_mb must be > 0, got {self.dist_bucket_mb}")
+        if self.max_grad_norm is not None and not float(self.max_grad_norm) > 0.0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if not 0.0 < float(self.alpha) <= 1.0:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if not float(self.visual_weight) >= 0.0:

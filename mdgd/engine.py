@@ -48,9 +48,11 @@ from torch import nn
 
 import mdgd_kernels
 
+from .batches import SUMS, MicroBatch, nonfinite_reason, step_figures
 from .buffers import FlatGrads, Segments, segment_layout
 from .config import MDGDConfig, mark_trainable
 from .distributed import DistributedMDGD, check_micro_batches, reject_wrapped, resolve_mode
+from .families import check_same_config
 from .visual import ImageTokenHidden, VisualHook, visual_l1
 
 FIGURES = (
@@ -63,6 +65,8 @@ FIGURES = (
     "conflict_cos_mean",
     "conflict_fraction",
     "skipped",
+    "text_only_fraction",
+    "supervised_fraction",
 )
 """Keys of the dict :meth:`MDGDEngine.step` returns (all floats):
 
@@ -75,7 +79,11 @@ FIGURES = (
   modality gradient conflict (MoDE, Definition 1); parameters off the visual path
   (``h_theta == 0``) are left out; NaN when there is none (e.g. ``theta == phi``);
 * ``conflict_fraction``: fraction of those parameters with a negative cosine;
-* ``skipped``: 1.0 when the step was skipped for non-finite gradients.
+* ``skipped``: 1.0 when the step was skipped: non-finite gradients or losses, or
+  no supervised token in any micro-batch (:mod:`mdgd.batches`);
+* ``text_only_fraction``: fraction of the micro-batches with no image token
+  (``L_v = 0``, no ``h`` backward); NaN in ``ft``;
+* ``supervised_fraction``: fraction of the micro-batches with a supervised token.
 """
 
 
@@ -208,7 +216,7 @@ class MDGDEngine:
 
     def _reset(self) -> None:
         self._micro = 0
-        self._loss_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
+        self._loss_sums = torch.zeros(len(SUMS), dtype=torch.float32, device=self.device)
 
     @property
     def num_micro_batches(self) -> int:
@@ -252,20 +260,22 @@ class MDGDEngine:
                 "or step() first"
             )
         batch = self._prepare(batch)
+        mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
         if self._micro == 0:
             self.theta.zero_()
             if self.phi is not None:
                 self.phi.zero_()
         try:
             if self.config.mode == "ft":
-                loss = self._backward_ft(batch, last)
+                loss = self._backward_ft(batch, last, mb)
             else:
-                loss = self._backward_mdgd(batch, last)
+                loss = self._backward_mdgd(batch, last, mb)
         except BaseException:
             self._reset()  # the partial accumulation is discarded
             if self.dist is not None:
                 self.dist.discard()
             raise
+        self._loss_sums[3:] += mb.counts(self.device)
         self._micro += 1
         return loss
 
@@ -278,30 +288,35 @@ class MDGDEngine:
         if last and self.dist is not None:
             self.dist.launch(kind)
 
-    def _backward_ft(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
-        loss = _loss_of(self.model(**batch), "model")
+    def _backward_ft(self, batch: dict[str, Any], last: bool, mb: MicroBatch) -> torch.Tensor:
+        loss = mb.task_loss(self.model(**batch), "model")
         self.theta.point("g")
         self._arm("g", last)
-        self._scaled(loss).backward()
+        if mb.check_loss_path(loss, self.theta.names):
+            self._scaled(loss).backward()
         self._launch("g", last)
         loss = loss.detach()
         self._loss_sums[0] += loss
         return loss
 
-    def _backward_mdgd(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
-        kw = self.visual.forward_kwargs
+    def _backward_mdgd(self, batch: dict[str, Any], last: bool, mb: MicroBatch) -> torch.Tensor:
+        kw = self.visual.forward_kwargs if not mb.text_only else {}
         out_t = self.model(**batch, **kw)
         out_p = self.ref_model(**batch, **kw)
-        loss_t, loss_p = _loss_of(out_t, "model"), _loss_of(out_p, "ref_model")
-        z_t, mask = self.visual(self.model, batch, out_t)
-        z_p, _ = self.visual(self.ref_model, batch, out_p)
+        loss_t, loss_p = mb.task_loss(out_t, "model"), mb.task_loss(out_p, "ref_model")
+        if mb.text_only:  # L_v = 0: no graph, so no h backward below
+            loss_v = torch.zeros((), device=loss_t.device)
+        else:
+            z_t, mask = self.visual(self.model, batch, out_t)
+            z_p, _ = self.visual(self.ref_model, batch, out_p)
+            loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
         del out_t, out_p  # the logits are only needed through the graph
-        loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
 
         self.theta.point("g")
         self.phi.point("g")
         self._arm("g", last)
-        self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
+        if mb.check_loss_path(loss_t + loss_p, self.theta.names):
+            self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
         self._launch("g", last)  # overlaps the h backward, which does not touch g
         if loss_v.requires_grad:  # False only when no trainable parameter feeds pi(X^v)
             self.theta.point("h")
@@ -310,7 +325,7 @@ class MDGDEngine:
             self._scaled(loss_v).backward()
         self._launch("h", last)
         losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
-        self._loss_sums += losses.float()
+        self._loss_sums[:3] += losses.float()
         return losses[0]
 
     # ------------------------------------------------------------------ the step
@@ -335,16 +350,17 @@ class MDGDEngine:
             total = None
             if self.dist is not None:  # the four buffers and the loss sums, over all ranks
                 total = self.dist.finish(self._loss_sums, n)
-                self._loss_sums = total[:3]
+                self._loss_sums = total[:-1]
             # every rank runs n micro-batches (checked below, after the step's one sync)
             n_all = n * self._world
             if cfg.mode == "ft":
                 figures, selected = self._figures_ft(n_all)
             else:
                 figures, selected = self._direction_mdgd(n_all)
+            figures = step_figures(figures, self._loss_sums, n_all, cfg.mode)
             parts = [figures, selected.to(figures.dtype)]
             if total is not None:
-                parts.append(total[3:].to(figures.dtype))
+                parts.append(total[-1:].to(figures.dtype))
             values = torch.cat(parts).tolist()  # the one sync
         finally:
             self._reset()
@@ -356,6 +372,7 @@ class MDGDEngine:
             self._raise_nonfinite(out)
         self._assign_direction(skipped, values[len(FIGURES) :])
         self.last_figures = out
+        self.step_count += 1
         return out
 
     def _direction_buffer(self) -> torch.Tensor:
@@ -420,7 +437,7 @@ class MDGDEngine:
         selected_fraction = (res.mask.double() * sizes).sum() / sizes.sum()
         figs = torch.cat(
             [
-                self._loss_sums.double() / n,
+                self._loss_sums[:3].double() / n,
                 torch.stack(
                     [
                         cos.mean(),
@@ -446,12 +463,7 @@ class MDGDEngine:
         for fg in (self.theta, self.phi):
             if fg is not None:
                 fg.detach_grads()
-        where = f"non-finite loss {figures['loss']}"
-        if self.last_result is not None:
-            bad = torch.nonzero(~torch.isfinite(self.last_result.stats).all(dim=1)).flatten()
-            names = [self.segments.names[i] for i in bad.tolist()]
-            more = f" and {len(names) - 1} more segment(s)" if len(names) > 1 else ""
-            where = f"non-finite gradient (NaN or Inf) in {names[0]}{more}"
+        where = nonfinite_reason(figures, self.last_result, self.segments.names)
         raise FloatingPointError(
             f"{where} at step {self.step_count}; no parameter was updated. "
             "Pass MDGDConfig(nonfinite='skip') to skip such steps instead."
@@ -485,6 +497,10 @@ class MDGDEngine:
         if batch is not None:
             self.backward(batch, last=True)
         figures = self.compute_direction()
+        if self.config.max_grad_norm is not None and not figures["skipped"]:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the unscaled direction
+            self.clip_grad_norm_(self.config.max_grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -494,7 +510,6 @@ class MDGDEngine:
                 self.dist.gather_params()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        self.step_count += 1
         return figures
 
     def conflict_cos(self) -> dict[str, float]:
@@ -543,13 +558,6 @@ class MDGDEngine:
 # ---------------------------------------------------------------------- helpers
 
 
-def _loss_of(outputs: Any, which: str) -> torch.Tensor:
-    loss = getattr(outputs, "loss", None)
-    if loss is None:
-        raise ValueError(f"{which} returned no loss: the batch needs labels")
-    return loss
-
-
 def _check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:
     """Same class, same parameter names and shapes (every parameter, not only the trainable)."""
     hint = (
@@ -571,6 +579,7 @@ def _check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:
             name = next(n for n in mine if mine[n] != theirs[n])
             what = f"{name!r} is {theirs[name]} in ref_model but {mine[name]} in model"
         raise ValueError(f"ref_model's architecture differs from model's: {what}; " + hint)
+    check_same_config(model, ref_model)
 
 
 def _matching_params(

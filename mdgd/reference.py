@@ -50,17 +50,21 @@ def _project_out(g: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def reference_top_alpha(cos: torch.Tensor, weights: Sequence[int], alpha: float) -> torch.Tensor:
-    """Eq. 11's ``T_alpha`` by the spec's rule, walked one segment at a time."""
+    """Eq. 11's mask by the strict prefix rule, walked one segment at a time.
+
+    Visit the segments by ``cos`` descending, ties by lower index first, and keep
+    each one until the kept weight reaches ``alpha * sum(weights)``; keep no more.
+    """
     order = sorted(range(len(weights)), key=lambda i: (-float(cos[i]), i))
     total = float(sum(weights))
+    mask = torch.zeros(len(weights), dtype=torch.bool)
     running = 0.0
-    threshold = float(cos[order[-1]])
     for i in order:
+        mask[i] = True
         running += weights[i]
         if running >= alpha * total:
-            threshold = float(cos[i])
             break
-    return cos >= threshold
+    return mask
 
 
 def reference_direction(

@@ -7,7 +7,10 @@ The engine asks a *visual hook* three things:
   (called before anything runs);
 * ``hook(model, batch, outputs) -> (z, mask)``: the representation ``z``
   (``[..., hidden]``) and a boolean ``mask`` (``z.shape[:-1]``, or None for all
-  positions) of the visual positions.
+  positions) of the visual positions;
+* optionally ``is_text_only(model, batch) -> bool``: the batch has no visual
+  position, so ``L_v = 0`` and the ``h`` backward is skipped (a hook without it
+  treats every batch as visual).
 
 :class:`ImageTokenHidden` is the default: the language model's last hidden layer
 (after the final norm) at the positions where ``input_ids == image_token_id``.
@@ -56,16 +59,13 @@ class ImageTokenHidden:
         )
 
     def check(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> None:
-        ids = batch.get("input_ids")
-        if not isinstance(ids, torch.Tensor):
+        if not isinstance(batch.get("input_ids"), torch.Tensor):
             raise ValueError("the batch needs 'input_ids' (a tensor) to find the image tokens")
-        tok = self.token_id(model)
-        if not bool((ids == tok).any()):  # free for CPU input ids; one sync on an accelerator
-            raise ValueError(
-                f"the batch has no image tokens (input_ids == image_token_id {tok}): MDGD's "
-                "visual loss L_v is defined on image-token positions. Give every batch images, "
-                "or train text-only batches with mode='ft'"
-            )
+        self.token_id(model)
+
+    def is_text_only(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> bool:
+        """No ``image_token_id`` in ``input_ids`` (free on CPU; one sync on an accelerator)."""
+        return not bool((batch["input_ids"] == self.token_id(model)).any())
 
     def __call__(
         self, model: torch.nn.Module, batch: Mapping[str, Any], outputs: Any

@@ -48,18 +48,21 @@ def _safe_div(num: torch.Tensor, den: torch.Tensor, zero: torch.Tensor) -> torch
 
 
 def top_alpha_mask(cos: torch.Tensor, weights: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``m = 1[cos >= T_alpha]`` (spec section 6), sort + cumsum on the device.
+    """The top-alpha mask of MDGD-GM (Eq. 11), sort + cumsum on the device, no sync.
 
     Segments are ordered by ``cos`` descending (stable: ties keep the lower index
-    first); ``T_alpha`` is the ``cos`` of the segment at which the running sum of
-    ``weights`` first reaches ``alpha * sum(weights)``.
+    first); the mask keeps exactly the shortest prefix of that order whose
+    ``weights`` sum to at least ``alpha * sum(weights)``. Unlike the paper's
+    literal ``1[cos >= T_alpha]`` it never keeps the segments tied with the last
+    one kept (at theta = phi every cos is 1, and the literal rule keeps all).
     """
     order = torch.sort(cos, descending=True, stable=True).indices
     running = torch.cumsum(weights.to(torch.float64)[order], 0)
     target = (alpha * running[-1]).reshape(1)
-    pos = torch.searchsorted(running, target).clamp_(max=cos.numel() - 1)
-    threshold = cos[order[pos]]
-    return cos >= threshold
+    last = torch.searchsorted(running, target)  # first prefix reaching the target
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return rank <= last
 
 
 def coefficients(

@@ -181,3 +181,90 @@ def seed() -> int:
     s = int.from_bytes(os.urandom(4))
     print(f"seed={s}")
     return s
+
+
+# ---------------------------------------------------------------------- exact ties of cos
+
+
+def tied_buffers(patterns, lengths, dtype=torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    """Buffers whose segment ``s`` copies integer pattern ``patterns[s]`` at length
+    ``lengths[s]``: segments of one pattern and length have bit-identical
+    statistics (every product and sum of small integers is exact in float32) and so
+    exactly tied ``cos`` in every backend and in the oracle. Patterns differ in
+    ``g_phi = g_theta + j * v`` (pattern ``j``), so distinct patterns have distinct cos;
+    pattern 0 has ``h = 0`` and ``g_phi = g_theta``: cos exactly 1, as at theta = phi.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    protos = {}
+    for j, n in zip(patterns, lengths):
+        if (j, n) in protos:
+            continue
+        sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+        u = sign * torch.randint(1, 4, (n,), generator=gen)  # no zero: never degenerate
+        w = torch.randint(-2, 3, (n,), generator=gen) * (j != 0)
+        v = torch.randint(-2, 3, (n,), generator=gen)
+        protos[j, n] = [u, w, u + j * v, w]
+    segs = [protos[j, n] for j, n in zip(patterns, lengths)]
+    return [torch.cat([x[i] for x in segs]).to(dtype).contiguous() for i in range(4)]
+
+
+def prefix_mask(order: list[int], weights: list[int], alpha: float) -> torch.Tensor:
+    """The mask written out for a known visiting order: keep segments until ``alpha``."""
+    mask = torch.zeros(len(weights), dtype=torch.bool)
+    kept = 0
+    for s in order:
+        if kept >= alpha * sum(weights):
+            break
+        mask[s] = True
+        kept += weights[s]
+    return mask
+
+
+def check_mask_all_tied(run, alpha_by: str, dtype, seed: int) -> None:
+    """theta = phi: every cos is exactly 1, and MDGD-GM keeps alpha (plus at most one
+    segment), the lowest-index segments first. ``run(bufs, sizes, **kw) -> (d, res)``."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 200, (40,), generator=gen).tolist()
+    bufs = tied_buffers([0] * len(sizes), sizes, dtype, seed)
+    kw = dict(mode="gm", alpha=0.1, alpha_by=alpha_by)
+    d, res = run(bufs, sizes, **kw)
+    assert torch.equal(res.cos.cpu(), torch.ones(len(sizes))), "every cos must be exactly 1"
+    weights = sizes if alpha_by == "elements" else [1] * len(sizes)
+    want = prefix_mask(list(range(len(sizes))), weights, 0.1)
+    kept = sum(w for w, m in zip(weights, want.tolist()) if m)
+    assert 0.1 * sum(weights) <= kept < 0.1 * sum(weights) + max(weights)
+    assert torch.equal(res.mask.cpu(), want), f"kept {res.mask.tolist()}, want {want.tolist()}"
+    ref = oracle(bufs, sizes, **kw)
+    assert torch.equal(ref.mask, want), "the oracle's mask breaks the budget"
+    assert_direction_close(d, ref, bufs, sizes)
+
+
+def check_mask_threshold_ties(run, alpha_by: str, dtype, seed: int) -> None:
+    """Four groups of four exactly tied segments; alpha ends inside the second group,
+    which keeps its two lowest-index segments and no more."""
+    gen = torch.Generator().manual_seed(seed)
+    patterns = (torch.randperm(16, generator=gen) % 4).tolist()
+    sizes = [10 + 7 * j for j in patterns]
+    bufs = tied_buffers(patterns, sizes, dtype, seed)
+    weights = sizes if alpha_by == "elements" else [1] * len(sizes)
+    ref = oracle(bufs, sizes, mode="gm", alpha=1.0)
+    rep = {j: patterns.index(j) for j in range(4)}
+    groups = sorted(range(4), key=lambda j: -float(ref.cos[rep[j]]))
+    members = {j: [s for s, p in enumerate(patterns) if p == j] for j in range(4)}
+    order = [s for j in groups for s in members[j]]
+    first, second = members[groups[0]], members[groups[1]]
+    target = sum(weights[s] for s in first) + 1.5 * weights[second[0]]
+    alpha = target / sum(weights)
+    kw = dict(mode="gm", alpha=alpha, alpha_by=alpha_by)
+    d, res = run(bufs, sizes, **kw)
+    cos = res.cos.cpu()
+    for j in range(4):
+        assert torch.unique(cos[members[j]]).numel() == 1, f"pattern {j}'s cos do not tie"
+    got_groups = sorted(range(4), key=lambda j: -float(cos[rep[j]]))
+    assert got_groups == groups, "the backend ranks the patterns unlike the oracle"
+    want = prefix_mask(order, weights, alpha)
+    assert want[first].all() and want[second].tolist() == [True, True, False, False]
+    assert torch.equal(res.mask.cpu(), want), f"kept {res.mask.tolist()}, want {want.tolist()}"
+    ref = oracle(bufs, sizes, **kw)
+    assert torch.equal(ref.mask, want)
+    assert_direction_close(d, ref, bufs, sizes)

@@ -176,3 +176,49 @@ def trainer_args(output_dir, **kw):
     )
     base.update(kw)
     return transformers.TrainingArguments(**base)
+
+
+def text_only_batch(
+    config, batch_size: int = 2, text_len: int = 6, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """A batch of the same length as :func:`random_batch`'s, with no image at all."""
+    gen = torch.Generator().manual_seed(seed)
+    n = num_image_tokens(config) + text_len
+    vocab = config.text_config.vocab_size
+    text = torch.randint(IMAGE_TOKEN_ID + 1, vocab, (batch_size, n), generator=gen)
+    ids = torch.cat([torch.full((batch_size, 1), BOS_ID), text], dim=1)
+    labels = ids.clone()
+    labels[:, : 1 + n // 2] = -100  # the "question" half is not supervised
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def unsupervised(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with every label -100 (a truncated answer)."""
+    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+
+
+class MixedExamples(torch.utils.data.Dataset):
+    """Examples in the order of ``kinds``: ``"I"`` has an image, ``"T"`` is text-only."""
+
+    def __init__(self, config, kinds: str, seed: int = 0) -> None:
+        img = random_batch(config, batch_size=len(kinds), seed=seed)
+        txt = text_only_batch(config, batch_size=len(kinds), seed=seed + 1)
+        self.rows = [
+            {k: v[i] for k, v in (img if kind == "I" else txt).items()}
+            for i, kind in enumerate(kinds)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack equal-length rows; ``pixel_values`` of the rows that have an image only."""
+    out = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+    pixels = [r["pixel_values"] for r in rows if "pixel_values" in r]
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)
+    return out

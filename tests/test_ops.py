@@ -21,11 +21,14 @@ from conftest import (
     assert_direction_close,
     assert_mask_matches,
     assert_stats_close,
+    check_mask_all_tied,
+    check_mask_threshold_ties,
     make_buffers,
     oracle,
 )
 
 import mdgd_kernels as mk
+from mdgd.reference import reference_top_alpha
 from mdgd_kernels.layout import CHUNK
 
 BACKENDS = [b for b in mk.available_backends("cpu") if b != "triton"]
@@ -276,3 +279,33 @@ def test_scale_multiplies_the_direction(backend, dtype, mode, seed):
         kept, _ = _run(bufs, sizes, backend, scale=0.25, masked="keep", **kw)
         keep = torch.repeat_interleave(res.mask, torch.tensor(sizes))
         assert torch.equal(kept[keep], scaled[keep]) and torch.equal(kept[~keep], bufs[0][~keep])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("alpha_by", ["elements", "segments"])
+@pytest.mark.parametrize("check", [check_mask_all_tied, check_mask_threshold_ties], ids=str)
+def test_gm_mask_is_the_shortest_prefix_on_ties(backend, dtype, alpha_by, check, seed):
+    check(lambda bufs, sizes, **kw: _run(bufs, sizes, backend, **kw), alpha_by, dtype, seed)
+
+
+def test_top_alpha_mask_matches_the_oracle_walk(seed):
+    """The device mask (sort + cumsum) against the oracle's walk, on random cosines
+    drawn from a few values (many ties), random weights and alphas, zero weights too."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        n = int(torch.randint(1, 30, (1,), generator=gen))
+        cos = torch.randint(-2, 3, (n,), generator=gen).double() / 2
+        weights = torch.randint(0, 5, (n,), generator=gen)
+        if not weights.any():
+            weights[0] = 1
+        alpha = float(torch.rand((), generator=gen).clamp(min=1e-3))
+        got = mk.top_alpha_mask(cos, weights, alpha)
+        want = reference_top_alpha(cos, weights.tolist(), alpha)
+        assert torch.equal(got, want), (cos.tolist(), weights.tolist(), alpha)
+        # a prefix of the (cos desc, index asc) order, reaching alpha, shortest
+        order = sorted(range(n), key=lambda i: (-float(cos[i]), i))
+        ranks = [order.index(i) for i in range(n) if got[i]]
+        assert sorted(ranks) == list(range(len(ranks))), "not a prefix of the order"
+        kept, last = int(weights[got].sum()), int(weights[order[len(ranks) - 1]])
+        assert kept >= alpha * int(weights.sum()) > kept - last

@@ -49,6 +49,8 @@ from conftest import (  # noqa: E402
     assert_direction_close,
     assert_mask_matches,
     assert_stats_close,
+    check_mask_all_tied,
+    check_mask_threshold_ties,
     make_buffers,
     oracle,
 )
@@ -129,6 +131,11 @@ def case_edge(dtype: str, case: str, kw: dict, seed: int) -> None:
         assert torch.equal(res.s_theta, torch.zeros_like(res.s_theta))
     if case in ("zero_g_phi", "parallel"):
         assert torch.equal(res.k, torch.zeros_like(res.k)), "degenerate projections give k = 0"
+
+
+def case_mask_ties(dtype: str, alpha_by: str, check: str, seed: int) -> None:
+    checks = {"all": check_mask_all_tied, "threshold": check_mask_threshold_ties}
+    checks[check](_run, alpha_by, DTYPE_BY_ID[dtype], seed)
 
 
 def case_nonfinite(dtype: str, case: str, seed: int) -> None:
@@ -449,6 +456,12 @@ def test_edge_cases_interp(worker, dtype, case, mode, seed):
 @pytest.mark.parametrize("case", ["nan", "inf"])
 def test_nonfinite_policies_interp(worker, dtype, case, seed):
     worker.run("case_nonfinite", dtype=dtype, case=case, seed=seed)
+
+
+@pytest.mark.parametrize("alpha_by", ["elements", "segments"])
+@pytest.mark.parametrize("check", ["all", "threshold"])
+def test_gm_mask_ties_interp(worker, alpha_by, check, seed):
+    worker.run("case_mask_ties", dtype="bf16", alpha_by=alpha_by, check=check, seed=seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPE_IDS.values())

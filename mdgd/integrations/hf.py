@@ -14,6 +14,10 @@ into the flat buffers); on the last micro-batch of an optimizer step
 direction in theta's ``.grad``, so the Trainer's clipping, optimizer, scheduler
 and checkpointing see the direction as if it were the gradient.
 
+* Clipping: ``MDGDConfig.max_grad_norm``, when set, replaces
+  ``TrainingArguments.max_grad_norm``; the Trainer clips the direction (in
+  ``"dp"`` mode every rank holds the same averaged direction, so the norm is
+  the global one).
 * Gradient accumulation: micro-batches are weighted equally (each one's losses
   are per-micro-batch means); ``num_items_in_batch`` token weighting is not used.
 * Mixed precision: accelerate autocasts only the prepared model, so the
@@ -92,6 +96,8 @@ class MDGDTrainer(Trainer):
                 "Trainer's optimizer steps the full parameters. Use MDGDEngine for sharded runs"
             )
         super().__init__(*args, **kwargs)
+        if self.mdgd_config.max_grad_norm is not None:  # the Trainer clips the direction
+            self.args.max_grad_norm = self.mdgd_config.max_grad_norm
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError(
                 "MDGDTrainer does not support DeepSpeed or FSDP yet: they keep the gradients in "
