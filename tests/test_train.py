@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 from llava_tiny import one_thread  # noqa: F401  (fixture)
-from tiny_vlm import IMAGE_SIZES, save_tiny_model, write_dataset
+from tiny_vlm import build_all, flags, parse
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
@@ -24,54 +24,15 @@ from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E40
 
 from mdgd.data import IGNORE, LlavaDataset  # noqa: E402
 from mdgd.monitor import HISTORY_NAME, PLOT_NAME  # noqa: E402
-from mdgd.train import SUMMARY_NAME, build_parser, main, prepare, run  # noqa: E402
+from mdgd.train import SUMMARY_NAME, main, prepare, run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """{family: folder with data.json, images/ and model/}, built once."""
-    out = {}
-    for family in ("llava", "llava_next"):
-        d = tmp_path_factory.mktemp(family)
-        write_dataset(d, IMAGE_SIZES[family])
-        save_tiny_model(family, d / "model")
-        out[family] = d
-    return out
-
-
-def flags(d, out, mode="mdgd", **kw) -> list[str]:
-    """The command line of a short, seeded, CPU run on ``d``'s data."""
-    base = {
-        "model": d / "model",
-        "data": d / "data.json",
-        "image-folder": d / "images",
-        "mode": mode,
-        "output_dir": out,
-        "train-layers": 2,
-        "max_steps": 12,
-        "per_device_train_batch_size": 2,  # some micro-batches are text-only
-        "learning_rate": 1e-2,
-        "lr_scheduler_type": "constant",
-        "weight_decay": 0.0,
-        "logging_steps": 1,
-        "monitor-steps": 4,
-        "monitor-samples": 8,
-        "save_strategy": "no",
-        "report_to": "none",
-        "disable_tqdm": "true",
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "use_cpu": "true",
-    }
-    base.update(kw)
-    return [a for k, v in base.items() if v is not None for a in (f"--{k}", str(v))]
-
-
-def parse(argv):
-    return build_parser().parse_args_into_dataclasses(args=argv)
+    return build_all(tmp_path_factory)
 
 
 def trainable_state(path) -> dict[str, torch.Tensor]:

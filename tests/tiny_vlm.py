@@ -8,6 +8,7 @@ saved with ``save_pretrained`` so that ``from_pretrained`` (and ``mdgd train
 
     write_dataset(root)                       # root/data.json, root/images/*.png
     save_tiny_model("llava", root / "llava")  # a checkpoint directory
+    run(*parse(flags(root, out)))             # mdgd.train.run on them, a short CPU run
 
 The dataset has 48 samples: a third text-only, some multi-turn; every answer is
 one word that a tiny model can learn in a few steps (the colour of the picture,
@@ -254,3 +255,49 @@ def save_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def build_all(tmp_path_factory) -> dict[str, Path]:
+    """{family: folder with data.json, images/ and model/} (for a pytest fixture)."""
+    out = {}
+    for family in BUILDERS:
+        d = tmp_path_factory.mktemp(family)
+        write_dataset(d, IMAGE_SIZES[family])
+        save_tiny_model(family, d / "model")
+        out[family] = d
+    return out
+
+
+def flags(d: Path, out: Path, mode: str = "mdgd", **kw) -> list[str]:
+    """The ``mdgd train`` command line of a short, seeded, CPU run on ``d``'s data."""
+    base = {
+        "model": d / "model",
+        "data": d / "data.json",
+        "image-folder": d / "images",
+        "mode": mode,
+        "output_dir": out,
+        "train-layers": 2,
+        "max_steps": 12,
+        "per_device_train_batch_size": 2,  # some micro-batches are text-only
+        "learning_rate": 1e-2,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "monitor-steps": 4,
+        "monitor-samples": 8,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": "true",
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "use_cpu": "true",
+    }
+    base.update(kw)
+    return [a for k, v in base.items() if v is not None for a in (f"--{k}", str(v))]
+
+
+def parse(argv: list[str]):
+    """(TrainArguments, TrainingArguments) of an ``mdgd train`` command line."""
+    from mdgd.train import build_parser
+
+    return build_parser().parse_args_into_dataclasses(args=argv)
