@@ -162,6 +162,8 @@ def chunks(processor, messages: list[dict]) -> list[tuple[str, bool]]:
 
 def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Concatenate along dim 0, zero-padding the other dims to the largest (e.g. image tiles)."""
+    if len(tensors) == 1:
+        return tensors[0]
     shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
     out = tensors[0].new_zeros(sum(t.shape[0] for t in tensors), *shape)
     row = 0
@@ -210,6 +212,29 @@ def encode(processor, messages: list[dict], images: list, first_special: bool) -
     return enc
 
 
+def token_ids(processor, messages: list[dict], counts: list[int], first_special: bool) -> Encoded:
+    """``input_ids`` and ``labels`` of :func:`encode` without reading an image.
+
+    Each image token is repeated ``counts[i]`` times (``processor._get_num_multimodal_tokens``),
+    which is how LLaVA-style processors expand it; :class:`LlavaDataset` checks that
+    on its first sample with an image before relying on it.
+    """
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    ids_out, labels, used = [], [], 0
+    for k, (text, supervised) in enumerate(chunks(processor, messages)):
+        ids = []
+        for t in tok(text, add_special_tokens=first_special and k == 0)["input_ids"]:
+            if t == image_id:
+                ids += [t] * counts[used]
+                used += 1
+            else:
+                ids.append(t)
+        ids_out += ids
+        labels += ids if supervised else [IGNORE] * len(ids)
+    return Encoded(input_ids=torch.tensor(ids_out), labels=torch.tensor(labels))
+
+
 def _truncate(enc: Encoded, max_length: int, image_token_id: int) -> Encoded | None:
     """``enc`` cut to ``max_length`` tokens, or None when no answer (or an image) would survive."""
     n = enc["input_ids"].shape[0]
@@ -227,12 +252,17 @@ def _truncate(enc: Encoded, max_length: int, image_token_id: int) -> Encoded | N
 class LlavaDataset(torch.utils.data.Dataset):
     """A LLaVA-format file tokenized with ``processor`` (see the module docstring).
 
-    Every sample is checked and tokenized once when the dataset is built (so that
-    bad input fails before training, and truncation drops are known); images are
-    read again, lazily, by ``__getitem__``.
+    Building it checks every sample (structure, image files, ``<image>`` counts)
+    and tokenizes its text, so that bad input fails before training and the
+    samples truncation drops are known. It reads only the images' headers: the
+    image tokens are counted with the processor's own formula, once checked
+    against a full encoding of the first sample with an image (when they differ,
+    every image is processed up front instead, with a warning). ``__getitem__``
+    encodes a sample in full, images included.
 
     Attributes:
-        records: the kept samples (dicts as in the file).
+        records: the kept samples (dicts as in the file, plus ``_index``: the position
+            in the file).
         dropped: indices (in the file) of the samples dropped for ``max_length``.
         num_text_only: kept samples without an image.
     """
@@ -254,22 +284,18 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise DataError(
                 f"{type(processor).__name__} has no image_token: not a vision-language processor"
             )
-        tok = processor.tokenizer
-        self.image_token_id = (
-            image_token_id
-            if image_token_id is not None
-            else tok.convert_tokens_to_ids(self.image_token)
-        )
+        if image_token_id is None:
+            image_token_id = processor.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_token_id = image_token_id
+        self._first = _first_special(processor)
+        self._fast: bool | None = None  # image-token counts trusted? (decided on first image)
         self.records: list[dict] = []
         self.dropped: list[int] = []
-        self._lengths: list[int] = []
         for i, rec in enumerate(load_records(self.path)):
-            enc = self._encode(i, rec)
-            if enc is None:
+            if self._fits(i, rec):
+                self.records.append(dict(rec, _index=i))
+            else:
                 self.dropped.append(i)
-                continue
-            self.records.append(dict(rec, _index=i))
-            self._lengths.append(int(enc["input_ids"].shape[0]))
         if self.dropped:
             warnings.warn(
                 f"{self.path}: dropped {len(self.dropped)} of {len(self.dropped) + len(self)} "
@@ -284,16 +310,26 @@ class LlavaDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _images(self, index: int, rec: dict) -> list:
-        from PIL import Image
-
-        out = []
-        for name in image_files(rec):
-            path = self.image_folder / name
+    def _paths(self, index: int, rec: dict) -> list[Path]:
+        paths = [self.image_folder / name for name in image_files(rec)]
+        for path in paths:
             if not path.is_file():
                 raise DataError(f"{self.path}: {_where(index, rec)}: image not found: {path}")
-            with Image.open(path) as im:
-                out.append(im.convert("RGB"))
+        return paths
+
+    def _open(self, index: int, rec: dict, convert: bool) -> list:
+        """The sample's images (RGB), or with ``convert=False`` their (height, width) only."""
+        from PIL import Image, UnidentifiedImageError
+
+        out = []
+        for path in self._paths(index, rec):
+            try:
+                with Image.open(path) as im:  # reads the header; convert() decodes
+                    out.append(im.convert("RGB") if convert else (im.height, im.width))
+            except (OSError, UnidentifiedImageError) as e:
+                raise DataError(
+                    f"{self.path}: {_where(index, rec)}: cannot read image {path} ({e})"
+                ) from None
         return out
 
     def _messages(self, index: int, rec: dict) -> list[dict]:
@@ -306,28 +342,60 @@ class LlavaDataset(torch.utils.data.Dataset):
             )
         return to_messages(rec["conversations"], self.image_token)
 
-    def _encode(self, index: int, rec: dict) -> Encoded | None:
-        messages = self._messages(index, rec)
-        images = self._images(index, rec)
+    def _named(self, index: int, rec: dict, build):
         try:
-            enc = encode(self.processor, messages, images, first_special=self._first_special())
+            return build()
         except DataError as e:
             raise DataError(f"{self.path}: {_where(index, rec)}: {e}") from None
-        if self.max_length is not None:
-            return _truncate(enc, self.max_length, self.image_token_id)
-        return enc
 
-    def _first_special(self) -> bool:
-        # as ProcessorMixin.apply_chat_template(tokenize=True): no BOS when the template has one
-        bos = self.processor.tokenizer.bos_token
-        probe = _render(
-            self.processor, [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    def _encode(self, index: int, rec: dict) -> Encoded:
+        messages, images = self._messages(index, rec), self._open(index, rec, convert=True)
+        return self._named(
+            index, rec, lambda: encode(self.processor, messages, images, self._first)
         )
-        return not (bos is not None and probe.startswith(bos))
+
+    def _counted(self, index: int, rec: dict, sizes: list[tuple[int, int]]) -> Encoded:
+        counts = []
+        if sizes:
+            counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+        messages = self._messages(index, rec)
+        return self._named(
+            index, rec, lambda: token_ids(self.processor, messages, list(counts), self._first)
+        )
+
+    def _fits(self, index: int, rec: dict) -> bool:
+        """Check sample ``index``; False when truncation to ``max_length`` drops it."""
+        sizes = self._open(index, rec, convert=False)
+        if sizes and self._fast is None:
+            self._fast = self._counts_match(index, rec, sizes)
+        if sizes and not self._fast:
+            enc = self._encode(index, rec)
+        else:
+            enc = self._counted(index, rec, sizes)
+        if self.max_length is None:
+            return True
+        return _truncate(enc, self.max_length, self.image_token_id) is not None
+
+    def _counts_match(self, index: int, rec: dict, sizes: list[tuple[int, int]]) -> bool:
+        full = self._encode(index, rec)
+        try:
+            counted = self._counted(index, rec, sizes)
+        except (AttributeError, NotImplementedError, TypeError, IndexError):
+            counted = None
+        same = counted is not None and all(torch.equal(full[k], counted[k]) for k in counted)
+        if not same:
+            warnings.warn(
+                f"{type(self.processor).__name__}'s image-token count could not be predicted: "
+                "every image is read and processed while the dataset is built (slower start-up)",
+                stacklevel=3,
+            )
+        return same
 
     def __getitem__(self, i: int) -> Encoded:
         rec = self.records[i]
         enc = self._encode(rec["_index"], rec)
+        if self.max_length is not None:
+            enc = _truncate(enc, self.max_length, self.image_token_id)
         if enc is None:  # the file changed under us
             raise DataError(f"{self.path}: {_where(rec['_index'], rec)} no longer fits max_length")
         return enc
@@ -340,14 +408,19 @@ class LlavaDataset(torch.utils.data.Dataset):
         answer = " ".join(p["text"] for p in messages[a]["content"] if p["type"] == "text")
         text = _render(self.processor, messages[:a], generation_prompt=True)
         n = text.count(self.image_token)
-        images = self._images(rec["_index"], rec)[:n]
+        images = self._open(rec["_index"], rec, convert=True)[:n]
         inputs = self.processor(
-            text=[text],
-            images=images or None,
-            add_special_tokens=self._first_special(),
-            return_tensors="pt",
+            text=[text], images=images or None, add_special_tokens=self._first, return_tensors="pt"
         )
         return dict(inputs), answer
+
+
+def _first_special(processor) -> bool:
+    """Whether the first piece gets the tokenizer's special tokens: as
+    ``ProcessorMixin.apply_chat_template(tokenize=True)``, not when the template writes BOS."""
+    bos = processor.tokenizer.bos_token
+    probe = _render(processor, [{"role": "user", "content": [{"type": "text", "text": "x"}]}])
+    return not (bos is not None and probe.startswith(bos))
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:

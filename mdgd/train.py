@@ -81,7 +81,7 @@ class TrainArguments:
         },
     )
     train_layers: int = field(
-        default=8, metadata={"help": "train the last K language-model layers (not lora)"}
+        default=6, metadata={"help": "train the last K language-model layers (not lora)"}
     )
     projector: bool = field(
         default=True,

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -84,6 +85,22 @@ def test_labels_of_the_second_family(tiny):
     # a 16x32 picture is tiled differently from a 16x16 one: more image tokens
     counts = {int((ds[i]["input_ids"] == ds.image_token_id).sum()) for i in (0, 1)}
     assert len(counts) == 2
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_start_up_token_counts_equal_the_full_encoding(tiny, family):
+    """The dataset is built from the images' sizes only: exact for every sample."""
+    d = tiny[family]
+    proc = AutoProcessor.from_pretrained(d / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back to processing every image
+        ds = LlavaDataset(d / "data.json", proc, d / "images")
+    assert ds._fast
+    for i, rec in enumerate(ds.records):
+        sizes = ds._open(i, rec, convert=False)
+        counted, full = ds._counted(i, rec, sizes), ds[i]
+        for key in ("input_ids", "labels"):
+            assert torch.equal(counted[key], full[key]), (i, key)
 
 
 def test_truncation_keeps_what_fits_and_drops_cut_answers(tiny):
