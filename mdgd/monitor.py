@@ -26,6 +26,7 @@ do, for that reason. At the end it writes ``erank.json`` and (with matplotlib)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,8 +55,13 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def visual_erank(model: torch.nn.Module, batches: Sequence[dict[str, Any]]) -> float:
-    """Effective rank of ``model``'s last-layer image-token vectors over ``batches``, stacked."""
+def visual_erank(
+    model: torch.nn.Module, batches: Sequence[dict[str, Any]], autocast=contextlib.nullcontext
+) -> float:
+    """Effective rank of ``model``'s last-layer image-token vectors over ``batches``, stacked.
+
+    ``autocast``: a context-manager factory the forwards run in (the Trainer's).
+    """
     hook = ImageTokenHidden()
     was_training = model.training
     model.eval()
@@ -64,7 +70,8 @@ def visual_erank(model: torch.nn.Module, batches: Sequence[dict[str, Any]]) -> f
     try:
         for batch in batches:
             batch = _to({k: v for k, v in batch.items() if k != "labels"}, device)
-            out = model(**batch, **hook.forward_kwargs)
+            with autocast():
+                out = model(**batch, **hook.forward_kwargs)
             z, mask = hook(_base(model), batch, out)
             rows.append(z[mask].float())
     finally:
@@ -85,6 +92,7 @@ def exact_match(
     tokenizer: Any,
     prompts: Sequence[tuple[dict[str, torch.Tensor], str]],
     max_new_tokens: int = 16,
+    autocast=contextlib.nullcontext,
 ) -> float:
     """Fraction of ``(inputs, answer)`` pairs whose greedy generation equals the answer."""
     was_training = model.training
@@ -94,12 +102,13 @@ def exact_match(
     try:
         for inputs, answer in prompts:
             inputs = _to(inputs, device)
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+            with autocast():
+                out = model.generate(
+                    **inputs,
+                    do_sample=False,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             new = out[0, inputs["input_ids"].shape[1] :]
             text = tokenizer.decode(new, skip_special_tokens=True)
             correct += _normalise(text) == _normalise(answer)
@@ -149,18 +158,22 @@ class ForgettingMonitor(TrainerCallback):
         if reference is not None:
             self.measure_reference(reference)
 
+    def _autocast(self):
+        """The Trainer's mixed precision (--bf16 / --fp16), as in its training forwards."""
+        return self.trainer.accelerator.autocast()
+
     def measure_reference(self, model: torch.nn.Module) -> float:
         """Measure phi's erank on the probe set (once; logged beside every theta value)."""
-        self.erank_ref = visual_erank(model, self.probe)
+        self.erank_ref = visual_erank(model, self.probe, self._autocast)
         return self.erank_ref
 
     def measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        figures = {"mdgd/erank": visual_erank(model, self.probe)}
+        figures = {"mdgd/erank": visual_erank(model, self.probe, self._autocast)}
         if self.erank_ref is not None:
             figures["mdgd/erank_ref"] = self.erank_ref
         if self.eval_prompts:
             figures["eval/accuracy"] = exact_match(
-                model, self.tokenizer, self.eval_prompts, self.max_new_tokens
+                model, self.tokenizer, self.eval_prompts, self.max_new_tokens, self._autocast
             )
         self.history.append({"step": step, **figures})
         return figures

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from .config import MDGDConfig, llava_trainable_patterns
+from .config import MDGDConfig, llava_trainable_patterns, mark_trainable
 from .data import Collator, DataError, LlavaDataset, image_files
 
 MODES = ("mdgd", "gm", "ft", "lora")
@@ -122,8 +122,17 @@ class TrainArguments:
     dtype: str = field(
         default="float32",
         metadata={
-            "help": "dtype the weights are loaded in (both models); --bf16 autocasts "
-            "on top of float32 weights",
+            "help": "dtype the weights are loaded in (both models), e.g. bfloat16 with --bf16 "
+            "for a 7B model on one 80 GB GPU",
+            "choices": tuple(DTYPES),
+        },
+    )
+    trainable_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype of the trainable parameters (both models; not lora): float32 master "
+            "weights keep small updates that bfloat16 would round away (needs --bf16 or --fp16 "
+            "when it differs from --dtype)",
             "choices": tuple(DTYPES),
         },
     )
@@ -202,6 +211,20 @@ def mdgd_config(opts: TrainArguments, model) -> MDGDConfig:
     return MDGDConfig(mode=opts.mode, alpha=opts.alpha, align=opts.align, trainable=patterns)
 
 
+def cast_trainable(models: list, patterns, opts: TrainArguments, args) -> None:
+    """Cast the trainable parameters of ``models`` (None entries skipped) to --trainable-dtype."""
+    dtype = DTYPES[opts.trainable_dtype]
+    if dtype != DTYPES[opts.dtype] and not (args.bf16 or args.fp16):
+        raise TrainError(
+            f"--dtype {opts.dtype} with --trainable-dtype {opts.trainable_dtype} needs mixed "
+            f"precision: add --bf16 (or --fp16), or pass --trainable-dtype {opts.dtype}"
+        )
+    for model in models:
+        if model is not None:
+            for _, p in mark_trainable(model, patterns):
+                p.data = p.data.to(dtype)
+
+
 def probe_batches(dataset: LlavaDataset, n: int, pad_id: int, batch_size: int = 4) -> list[dict]:
     """The first ``n`` training samples with images, collated in small batches."""
     idx = [i for i, r in enumerate(dataset.records) if image_files(r)][:n]
@@ -242,13 +265,16 @@ def prepare(opts: TrainArguments, args) -> Run:
     ref = copy.deepcopy(model) if opts.mode in ("mdgd", "gm") else None  # no second disk read
     if opts.mode == "lora":
         model = _lora(model, opts.lora_rank, opts.lora_targets)
+    config = mdgd_config(opts, model)
+    if config.trainable is not None:
+        cast_trainable([model, ref], config.trainable, opts, args)
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = processor.tokenizer.eos_token_id
     trainer = MDGDTrainer(
         model=model,
         ref_model=ref,
-        mdgd_config=mdgd_config(opts, model),
+        mdgd_config=config,
         args=args,
         train_dataset=train_set,
         data_collator=Collator(pad_id),

@@ -8,6 +8,7 @@ third text-only, some multi-turn) are built once per session (:mod:`tiny_vlm`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -176,6 +177,23 @@ def test_train_mode(tiny, tmp_path, family, mode):
     saved = json.loads((tmp_path / SUMMARY_NAME).read_text())
     assert saved["steps"] == 12 and saved["text_only_samples"] == 16
     assert saved["final_loss"] == losses[-1] == summary["final_loss"]
+
+
+def test_bfloat16_weights_with_float32_trainable_parameters(tiny, tmp_path, capsys):
+    d = tiny["llava"]
+    opts, args = parse(flags(d, tmp_path, max_steps=3, dtype="bfloat16", bf16="true"))
+    r = prepare(opts, args)
+    trainable = set(r.trainer.engine.param_names)
+    for model in (r.trainer.model, r.ref_model):
+        for name, p in model.named_parameters():
+            assert p.dtype == (torch.float32 if name in trainable else torch.bfloat16), name
+    run(opts, args, r)
+    losses = [h["loss"] for h in r.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    # the monitor's forwards run under the Trainer's autocast too
+    assert [h["step"] for h in r.trainer.state.log_history if "mdgd/erank" in h] == [1, 3]
+    line = _fails(capsys, flags(d, tmp_path, dtype="bfloat16"))
+    assert "--dtype bfloat16 with --trainable-dtype float32 needs mixed precision" in line
 
 
 def test_resume_equals_the_uninterrupted_run(tiny, tmp_path):
