@@ -182,16 +182,10 @@ def _llama(tokenizer):
     )
 
 
-def build_llava(seed: int = 0):
-    """(model, processor): LLaVA-1.5 in miniature (CLIP 16x16/8: 4 image tokens)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tokenizer = word_tokenizer()
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
-    )
-    processor = LlavaProcessor(
+def _assemble(classes, image_processor, tokenizer, seed: int, **config_kw):
+    """(model, processor) of one LLaVA-style family: CLIP 16x16/8 tower, tiny Llama."""
+    config_cls, model_cls, processor_cls = classes
+    processor = processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=8,
@@ -199,15 +193,28 @@ def build_llava(seed: int = 0):
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
     )
-    config = LlavaConfig(
+    config = config_cls(
         vision_config=_clip(),
         text_config=_llama(tokenizer),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
+        **config_kw,
     )
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(config), processor
+    return model_cls(config), processor
+
+
+def build_llava(seed: int = 0):
+    """(model, processor): LLaVA-1.5 in miniature (4 image tokens per image), word tokenizer."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+    )
+    classes = (LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+    return _assemble(classes, image_processor, word_tokenizer(), seed)
 
 
 def build_llava_next(seed: int = 0):
@@ -217,31 +224,16 @@ def build_llava_next(seed: int = 0):
         LlavaNextImageProcessorPil,
     )
 
-    tokenizer = bpe_tokenizer()
     pinpoints = [[16, 16], [16, 32], [32, 16]]
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": 16},
         crop_size={"height": 16, "width": 16},
         image_grid_pinpoints=pinpoints,
     )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        num_additional_image_tokens=1,
+    classes = (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor)
+    return _assemble(
+        classes, image_processor, bpe_tokenizer(), seed, image_grid_pinpoints=pinpoints
     )
-    config = LlavaNextConfig(
-        vision_config=_clip(),
-        text_config=_llama(tokenizer),
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-    )
-    torch.manual_seed(seed)
-    return LlavaNextForConditionalGeneration(config), processor
 
 
 BUILDERS = {"llava": build_llava, "llava_next": build_llava_next}
