@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,8 +190,6 @@ def load_model(path: str, dtype: torch.dtype):
 
 
 def _lora(model, rank: int, targets: str):
-    import warnings
-
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
@@ -281,10 +280,15 @@ def prepare(opts: TrainArguments, args) -> Run:
         processing_class=processor,
     )
     monitor = None
-    if opts.monitor_steps > 0:
+    probe = probe_batches(train_set, opts.monitor_samples, pad_id) if opts.monitor_steps else []
+    if opts.monitor_steps and not probe:
+        warnings.warn(
+            "no training sample has an image: the forgetting monitor is off", stacklevel=2
+        )
+    if probe:
         monitor = ForgettingMonitor(
             trainer,
-            probe_batches(train_set, opts.monitor_samples, pad_id),
+            probe,
             opts.monitor_steps,
             reference=ref if ref is not None else model,  # before any update: phi
             eval_prompts=eval_prompts,

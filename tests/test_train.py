@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
-from mdgd.data import IGNORE, LlavaDataset  # noqa: E402
+from mdgd.data import IGNORE, LlavaDataset, to_messages  # noqa: E402
 from mdgd.monitor import HISTORY_NAME, PLOT_NAME  # noqa: E402
 from mdgd.train import SUMMARY_NAME, main, prepare, run  # noqa: E402
 
@@ -66,6 +66,34 @@ def test_labels_supervise_the_assistant_turns_only(tiny):
     text_only = ds[2]
     assert "pixel_values" not in text_only
     assert (text_only["input_ids"] != ds.image_token_id).all()
+
+
+def test_tokens_equal_the_processors_own_chat_encoding(tiny):
+    """Piece by piece == ``processor.apply_chat_template(tokenize=True)`` of the whole
+    conversation, with a tokenizer that adds BOS (as Llama's does)."""
+    from tokenizers import processors
+
+    d = tiny["llava"]
+    proc = AutoProcessor.from_pretrained(d / "model")
+    tok = proc.tokenizer
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)]
+    )
+    ds = LlavaDataset(d / "data.json", proc, d / "images")
+    for i in (1, 2):  # two turns with an image; text-only
+        rec = ds.records[i]
+        messages = to_messages(rec["conversations"], "<image>")
+        for part in messages[0]["content"]:
+            if part["type"] == "image":
+                part["path"] = str(d / "images" / rec["image"])
+        want = proc.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        got = ds[i]
+        assert torch.equal(got["input_ids"], want["input_ids"][0])
+        assert (got["input_ids"] == tok.bos_token_id).nonzero().flatten().tolist() == [0]
+        if "pixel_values" in want:
+            assert torch.equal(got["pixel_values"], want["pixel_values"])
 
 
 def test_labels_of_the_second_family(tiny):
@@ -216,23 +244,17 @@ def test_two_processes_equal_one_process_on_the_union(tiny, tmp_path):
     d = tiny["llava"]
     common = dict(max_steps=4, **{"monitor-steps": 2})
     argv = flags(d, tmp_path / "two", ddp_backend="gloo", ddp_timeout=120, **common)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "mdgd",
-        "train",
-        *argv,
-    ]
+    # torchrun --standalone picks a free port itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "mdgd", "train", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert main(flags(d, tmp_path / "one", gradient_accumulation_steps=2, **common)) == 0
+    opts, args = parse(flags(d, tmp_path / "one", gradient_accumulation_steps=2, **common))
+    r = prepare(opts, args)
+    run(opts, args, r)
+    steps = [h for h in r.trainer.state.log_history if "loss" in h]
+    assert any(h["mdgd/text_only_fraction"] > 0.0 for h in steps)  # text-only micro-batches too
     two, one = trainable_state(tmp_path / "two"), trainable_state(tmp_path / "one")
     start = trainable_state(d / "model")
     assert any(not torch.equal(one[k], start[k]) for k in one)
@@ -241,14 +263,6 @@ def test_two_processes_equal_one_process_on_the_union(tiny, tmp_path):
     s_two = json.loads((tmp_path / "two" / SUMMARY_NAME).read_text())
     s_one = json.loads((tmp_path / "one" / SUMMARY_NAME).read_text())
     assert s_two["figures"]["mdgd/erank"] == pytest.approx(s_one["figures"]["mdgd/erank"], 1e-4)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------- bad input
