@@ -17,7 +17,7 @@ synchronisation beyond the image-token check:
   ``nonfinite="raise"`` raises, ``"skip"`` leaves every parameter and the
   optimizer state untouched.
 
-The per-step counts ride with the loss sums (:data:`SUMS`), so in a
+The per-step counts (:meth:`MicroBatch.counts`) ride with the loss sums, so in a
 multi-process run they are summed over the ranks with them.
 """
 
@@ -31,8 +31,6 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
-SUMS = ("loss", "loss_ref", "loss_v", "text_only", "supervised")
-"""Entries of the engine's per-step sums: three losses and two micro-batch counts."""
 SKIPPED = 8  # index of "skipped" in mdgd.engine.FIGURES
 
 
@@ -58,7 +56,9 @@ class MicroBatch:
     supervised: torch.Tensor  # bool [] on the device: some label is not -100
 
     @classmethod
-    def of(cls, visual: Any, model: torch.nn.Module, batch: Mapping[str, Any], mode: str):
+    def of(
+        cls, visual: Any, model: torch.nn.Module, batch: Mapping[str, Any], mode: str
+    ) -> MicroBatch:
         text_only = mode != "ft" and is_text_only(visual, model, batch)
         return cls(text_only, has_supervised_token(batch["labels"]))
 
@@ -90,19 +90,27 @@ class MicroBatch:
         )
 
 
-def step_figures(figures: torch.Tensor, sums: torch.Tensor, n: int, mode: str) -> torch.Tensor:
-    """The step's figures with the non-finite rule applied and the two fractions appended.
+def step_figures(
+    figures: torch.Tensor,
+    losses: torch.Tensor,
+    counts: torch.Tensor,
+    n: int,
+    mode: str,
+    updated: torch.Tensor,
+) -> torch.Tensor:
+    """The step's figures with the non-finite rule applied and the last three appended.
 
     ``figures`` is the float64 vector in ``FIGURES`` order up to ``"skipped"``;
-    ``sums`` the :data:`SUMS` summed over the step's ``n`` micro-batches (all ranks).
+    ``losses`` and ``counts`` the three loss sums and the ``[text_only, supervised]``
+    counts over the step's ``n`` micro-batches (all ranks); ``updated`` the
+    ``updated_fraction`` (:mod:`mdgd.budget`).
     """
-    sums = sums.double()
-    no_signal = sums[4] == 0
-    bad = (~torch.isfinite(sums[:3]).all()) | no_signal
+    text_only, supervised = counts.double().unbind()
+    bad = (~torch.isfinite(losses).all()) | (supervised == 0)
     figures = figures.clone()
     figures[SKIPPED] = torch.maximum(figures[SKIPPED], bad.double())
-    text = sums[3] / n if mode != "ft" else torch.full_like(sums[3], math.nan)
-    return torch.cat([figures, torch.stack([text, sums[4] / n])])
+    text = text_only / n if mode != "ft" else torch.full_like(text_only, math.nan)
+    return torch.cat([figures, torch.stack([text, supervised / n, updated.double()])])
 
 
 def nonfinite_reason(figures: Mapping[str, float], result: Any, names: Sequence[str]) -> str:

@@ -16,14 +16,12 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from .families import PROJECTOR_SUFFIXES, config_modules, trainable_modules
+
 MODES = ("mdgd", "gm", "ft")
 ALPHA_BY = ("elements", "segments")
 NONFINITE = ("raise", "skip")
 DISTRIBUTED = ("auto", "none", "dp", "sharded")
-
-# transformers 5 names of the LLaVA submodules (LlavaForConditionalGeneration)
-LLAVA_LAYERS = "model.language_model.layers"
-LLAVA_PROJECTOR = "model.multi_modal_projector"
 
 
 @dataclass(frozen=True)
@@ -166,47 +164,29 @@ def mark_trainable(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str,
     return chosen
 
 
-def _find_module_name(model: nn.Module, suffix: str, kind: type | None = None) -> str | None:
-    hits = [
-        n
-        for n, m in model.named_modules()
-        if (n == suffix or n.endswith("." + suffix)) and (kind is None or isinstance(m, kind))
-    ]
-    return min(hits, key=len) if hits else None
-
-
 def llava_trainable_patterns(model_or_config, num_layers: int, projector: bool = True) -> list[str]:
     """The paper's trainable set: the last ``num_layers`` language-model layers (+ projector).
 
-    ``model_or_config`` is a LLaVA-style model (its module names are looked up:
-    ``...language_model.layers`` and ``...multi_modal_projector``) or its config
-    (``text_config.num_hidden_layers``; transformers 5 LLaVA names are assumed).
+    ``model_or_config`` is a model of a known MLLM family (LLaVA, LLaVA-NeXT,
+    LLaVA-OneVision, VipLLaVA, Aya Vision, Mistral3, InternVL, PaliGemma,
+    Gemma3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Idefics2/3, SmolVLM; others by the
+    usual module names), whose decoder layers and projector are looked up
+    (:mod:`mdgd.families`), or its config (the family's transformers 5 names of
+    the ``...ForConditionalGeneration`` class are assumed). When they cannot be
+    found the error lists the ModuleLists and projector-like modules it saw.
     The final norm and ``lm_head`` stay frozen, as in Model Tailor's protocol.
     """
     if isinstance(model_or_config, nn.Module):
-        model = model_or_config
-        layers = _find_module_name(model, "language_model.layers", nn.ModuleList)
-        if layers is None:
+        found = trainable_modules(model_or_config)
+        if projector and not found.projector:
             raise ValueError(
-                f"{type(model).__name__} has no '...language_model.layers' ModuleList; "
-                "write the trainable patterns by hand"
-            )
-        total = len(model.get_submodule(layers))
-        proj = _find_module_name(model, "multi_modal_projector")
-        if projector and proj is None:
-            raise ValueError(
-                f"{type(model).__name__} has no 'multi_modal_projector'; pass projector=False "
-                "or add the projector's pattern by hand"
+                f"{type(model_or_config).__name__} has no module known as its projector "
+                f"({', '.join(PROJECTOR_SUFFIXES)}); pass projector=False or add the "
+                "projector's pattern by hand"
             )
     else:
-        cfg = getattr(model_or_config, "text_config", model_or_config)
-        total = getattr(cfg, "num_hidden_layers", None)
-        if total is None:
-            raise ValueError(
-                f"{type(model_or_config).__name__} has no text_config.num_hidden_layers; "
-                "pass the model instead"
-            )
-        layers, proj = LLAVA_LAYERS, LLAVA_PROJECTOR
+        found = config_modules(model_or_config)
+    layers, total, proj = found
     if not isinstance(num_layers, int) or not 0 <= num_layers <= total:
         raise ValueError(f"num_layers must be an integer in [0, {total}], got {num_layers!r}")
     patterns = []
@@ -214,7 +194,7 @@ def llava_trainable_patterns(model_or_config, num_layers: int, projector: bool =
         ids = "|".join(str(i) for i in range(total - num_layers, total))
         patterns.append(rf"^{re.escape(layers)}\.({ids})\.")
     if projector:
-        patterns.append(rf"^{re.escape(proj)}\.")
+        patterns += [rf"^{re.escape(name)}(\.|$)" for name in proj]
     if not patterns:
         raise ValueError("num_layers=0 and projector=False select nothing")
     return patterns

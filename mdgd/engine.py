@@ -48,7 +48,8 @@ from torch import nn
 
 import mdgd_kernels
 
-from .batches import SUMS, MicroBatch, nonfinite_reason, step_figures
+from .batches import MicroBatch, nonfinite_reason, step_figures
+from .budget import FreezeUnselected, updated_fraction
 from .buffers import FlatGrads, Segments, segment_layout
 from .config import MDGDConfig, mark_trainable
 from .distributed import DistributedMDGD, check_micro_batches, reject_wrapped, resolve_mode
@@ -67,6 +68,7 @@ FIGURES = (
     "skipped",
     "text_only_fraction",
     "supervised_fraction",
+    "updated_fraction",
 )
 """Keys of the dict :meth:`MDGDEngine.step` returns (all floats):
 
@@ -83,7 +85,10 @@ FIGURES = (
   no supervised token in any micro-batch (:mod:`mdgd.batches`);
 * ``text_only_fraction``: fraction of the micro-batches with no image token
   (``L_v = 0``, no ``h`` backward); NaN in ``ft``;
-* ``supervised_fraction``: fraction of the micro-batches with a supervised token.
+* ``supervised_fraction``: fraction of the micro-batches with a supervised token;
+* ``updated_fraction``: fraction of trainable elements the optimizer may change:
+  ``selected_fraction``, unless MDGD-GM with ``"block:K"`` runs without
+  ``freeze_unselected`` (then whole tensors with a selected block; :mod:`mdgd.budget`).
 """
 
 
@@ -174,6 +179,10 @@ class MDGDEngine:
             self.dist = DistributedMDGD(self, self.dist_mode, optimizer, process_group)
             self.optimizer = self.dist.optimizer
         self._world = self.dist.world if self.dist is not None else 1
+        self.freeze = FreezeUnselected.for_engine(self)
+        self._param_sizes = torch.tensor(self.theta.sizes, device=self.device)
+        if self.freeze is not None and self.optimizer is not None:
+            self.freeze.attach(self.optimizer)
 
         self.last_result: mdgd_kernels.MDGDResult | None = None
         self.last_conflict_cos: torch.Tensor | None = None
@@ -216,7 +225,8 @@ class MDGDEngine:
 
     def _reset(self) -> None:
         self._micro = 0
-        self._loss_sums = torch.zeros(len(SUMS), dtype=torch.float32, device=self.device)
+        self._loss_sums = torch.zeros(3, dtype=torch.float32, device=self.device)
+        self._counts = torch.zeros(2, dtype=torch.float32, device=self.device)  # MicroBatch
 
     @property
     def num_micro_batches(self) -> int:
@@ -260,22 +270,22 @@ class MDGDEngine:
                 "or step() first"
             )
         batch = self._prepare(batch)
-        mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
+        self._mb = mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
         if self._micro == 0:
             self.theta.zero_()
             if self.phi is not None:
                 self.phi.zero_()
         try:
             if self.config.mode == "ft":
-                loss = self._backward_ft(batch, last, mb)
+                loss = self._backward_ft(batch, last)
             else:
-                loss = self._backward_mdgd(batch, last, mb)
+                loss = self._backward_mdgd(batch, last)
         except BaseException:
             self._reset()  # the partial accumulation is discarded
             if self.dist is not None:
                 self.dist.discard()
             raise
-        self._loss_sums[3:] += mb.counts(self.device)
+        self._counts += mb.counts(self.device)
         self._micro += 1
         return loss
 
@@ -288,7 +298,8 @@ class MDGDEngine:
         if last and self.dist is not None:
             self.dist.launch(kind)
 
-    def _backward_ft(self, batch: dict[str, Any], last: bool, mb: MicroBatch) -> torch.Tensor:
+    def _backward_ft(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
+        mb = self._mb
         loss = mb.task_loss(self.model(**batch), "model")
         self.theta.point("g")
         self._arm("g", last)
@@ -299,7 +310,8 @@ class MDGDEngine:
         self._loss_sums[0] += loss
         return loss
 
-    def _backward_mdgd(self, batch: dict[str, Any], last: bool, mb: MicroBatch) -> torch.Tensor:
+    def _backward_mdgd(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
+        mb = self._mb
         kw = self.visual.forward_kwargs if not mb.text_only else {}
         out_t = self.model(**batch, **kw)
         out_p = self.ref_model(**batch, **kw)
@@ -318,14 +330,14 @@ class MDGDEngine:
         if mb.check_loss_path(loss_t + loss_p, self.theta.names):
             self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
         self._launch("g", last)  # overlaps the h backward, which does not touch g
-        if loss_v.requires_grad:  # False only when no trainable parameter feeds pi(X^v)
+        if loss_v.requires_grad:  # False when text-only or no trainable parameter feeds pi(X^v)
             self.theta.point("h")
             self.phi.point("h")
             self._arm("h", last)
             self._scaled(loss_v).backward()
         self._launch("h", last)
         losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
-        self._loss_sums[:3] += losses.float()
+        self._loss_sums += losses.float()
         return losses[0]
 
     # ------------------------------------------------------------------ the step
@@ -349,18 +361,20 @@ class MDGDEngine:
         try:
             total = None
             if self.dist is not None:  # the four buffers and the loss sums, over all ranks
-                total = self.dist.finish(self._loss_sums, n)
-                self._loss_sums = total[:-1]
+                total = self.dist.finish(torch.cat([self._loss_sums, self._counts]), n)
+                self._loss_sums, self._counts = total[:3], total[3:5]
             # every rank runs n micro-batches (checked below, after the step's one sync)
             n_all = n * self._world
             if cfg.mode == "ft":
                 figures, selected = self._figures_ft(n_all)
             else:
                 figures, selected = self._direction_mdgd(n_all)
-            figures = step_figures(figures, self._loss_sums, n_all, cfg.mode)
+            frozen = self.freeze is not None
+            updated = updated_fraction(cfg.mode, figures[5], selected, self._param_sizes, frozen)
+            figures = step_figures(figures, self._loss_sums, self._counts, n_all, cfg.mode, updated)
             parts = [figures, selected.to(figures.dtype)]
             if total is not None:
-                parts.append(total[-1:].to(figures.dtype))
+                parts.append(total[5:].to(figures.dtype))
             values = torch.cat(parts).tolist()  # the one sync
         finally:
             self._reset()
@@ -371,6 +385,8 @@ class MDGDEngine:
         if skipped and self.scaler is None and cfg.nonfinite == "raise":
             self._raise_nonfinite(out)
         self._assign_direction(skipped, values[len(FIGURES) :])
+        if self.freeze is not None:
+            self.freeze.select(self.last_result.mask, values[len(FIGURES) :], skipped)
         self.last_figures = out
         self.step_count += 1
         return out
@@ -437,7 +453,7 @@ class MDGDEngine:
         selected_fraction = (res.mask.double() * sizes).sum() / sizes.sum()
         figs = torch.cat(
             [
-                self._loss_sums[:3].double() / n,
+                self._loss_sums.double() / n,
                 torch.stack(
                     [
                         cos.mean(),
@@ -457,7 +473,7 @@ class MDGDEngine:
             return figs, res.mask.expand(len(self.theta.params))
         hits = torch.zeros(len(self.theta.params), device=self.device)
         hits.index_add_(0, self._owner, res.mask.float())
-        return figs, hits > 0
+        return figs, hits  # selected segments per parameter
 
     def _raise_nonfinite(self, figures: dict[str, float]) -> None:
         for fg in (self.theta, self.phi):

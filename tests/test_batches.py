@@ -4,6 +4,9 @@ non-finite losses, in MDGDEngine and MDGDTrainer."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +22,8 @@ from llava_tiny import (
 from step_oracle import independent
 from test_engine import assert_update_matches, build, flat_params
 
-from mdgd.batches import MicroBatch
+from mdgd import FIGURES
+from mdgd.batches import SKIPPED, MicroBatch
 from mdgd.reference import reference_direction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,6 +102,10 @@ def test_micro_batch_without_supervised_token_adds_nothing_to_g():
     engine.backward(batch)
     assert not engine.theta.buffers["g"].any() and not engine.phi.buffers["g"].any()
     assert engine.theta.buffers["h"].any(), "its L_v still counts"
+
+
+def test_skipped_index_matches_the_figures():
+    assert FIGURES.index("skipped") == SKIPPED
 
 
 def test_task_loss_zeroes_only_a_loss_over_no_token():
@@ -234,3 +242,55 @@ def test_trainer_survives_a_llava_mix_and_matches_independent_steps(tmp_path, mo
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, msg=n)
     logged = [h for h in trainer.state.log_history if "mdgd/text_only_fraction" in h]
     assert [h["mdgd/text_only_fraction"] for h in logged] == fractions
+
+
+# ---------------------------------------------------------------------- two processes
+
+
+def test_data_parallel_rank_with_text_only_micro_batches(tmp_path):
+    """A rank whose micro-batch is text-only skips the h backward while the other
+    all-reduces h buckets from its hooks: no hang, and the union of the ranks'
+    micro-batches in one process gives the same parameters and figures."""
+    import dist_mix_worker as w
+    from test_distributed import free_port
+
+    port, procs = free_port(), []
+    for rank in range(2):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS="1",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, w.__file__, str(tmp_path)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        logs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    ranks = [torch.load(tmp_path / f"mix-{r}.pt") for r in range(2)]
+    for mode in w.MODES:
+        theta, engine = w.mix_engine(mode, "none")
+        want = []
+        for s in range(w.STEPS):
+            engine.backward(w.mix_batch(theta.config, 0, s))
+            want.append(engine.step(w.mix_batch(theta.config, 1, s)))
+        flat = w.flat_params(theta, engine)
+        for params, figures in (r[mode] for r in ranks):
+            torch.testing.assert_close(params, flat, rtol=1e-5, atol=1e-6)
+            assert [f["text_only_fraction"] for f in figures] == [0.5, 0.5, 1.0]
+            for got, exp in zip(figures, want):
+                assert got["loss_v"] == pytest.approx(exp["loss_v"], rel=1e-5)

@@ -69,6 +69,8 @@ def test_max_grad_norm_in_the_trainer_equals_the_engine(tmp_path):
     assert trainer.args.max_grad_norm == CLIP
     trainer.train()
     assert trainer.engine.step_count == 1
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert norms and norms[0] > CLIP, "the test must actually clip"
 
     mark_trainable(e_theta, cfg.trainable)
     opt = torch.optim.AdamW(

@@ -18,6 +18,11 @@ and checkpointing see the direction as if it were the gradient.
   ``TrainingArguments.max_grad_norm``; the Trainer clips the direction (in
   ``"dp"`` mode every rank holds the same averaged direction, so the norm is
   the global one).
+* A LLaVA data mix works as is: text-only micro-batches (``L_v = 0``) and
+  micro-batches whose labels are all -100 (``L_vl = 0``) train; a step with no
+  supervised token at all is a non-finite step (``MDGDConfig.nonfinite``).
+* MDGD-GM with ``"block:K"``: the optimizer the Trainer builds (or is given) is
+  hooked so that unselected blocks stay unchanged (``freeze_unselected``).
 * Gradient accumulation: micro-batches are weighted equally (each one's losses
   are per-micro-batch means); ``num_items_in_batch`` token weighting is not used.
 * Mixed precision: accelerate autocasts only the prepared model, so the
@@ -114,6 +119,12 @@ class MDGDTrainer(Trainer):
         if self.engine.dist is not None:
             self._keep_model_unwrapped()
         self._mdgd_logs: list[dict[str, float]] = []
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.engine.freeze is not None:  # MDGD-GM "block:K": keep unselected blocks
+            self.engine.freeze.attach(optimizer)
+        return optimizer
 
     def training_step(
         self,
