@@ -2,7 +2,7 @@
 
 The checkpoints (tokenizer built with ``tokenizers``, image processor, chat
 template, processor, random weights) and the 48-sample dataset (PNG images, a
-third text-only, some multi-turn) are built once per session (:mod:`tiny_vlm`).
+third text-only, some multi-turn) are built once per session (:mod:`tiny_checkpoints`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 from llava_tiny import one_thread  # noqa: F401  (fixture)
-from tiny_vlm import build_all, flags, parse
+from tiny_checkpoints import build_all, flags, parse
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402

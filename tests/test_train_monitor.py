@@ -15,7 +15,7 @@ from llava_tiny import (
 )
 
 transformers = pytest.importorskip("transformers")
-from tiny_vlm import build_all, flags, parse  # noqa: E402
+from tiny_checkpoints import build_all, flags, parse  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
 from mdgd.data import LlavaDataset  # noqa: E402
