@@ -40,6 +40,7 @@ ROLES = {
     "system": "system",
 }
 IGNORE = -100
+PLACEHOLDER = "<image>"  # LLaVA's image placeholder in the data, whatever the processor's token
 
 
 class DataError(ValueError):
@@ -92,7 +93,8 @@ def _check_record(path: Path, i: int, rec: Any) -> None:
     if not isinstance(conv, list) or not conv:
         raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
     for t, turn in enumerate(conv):
-        ok = isinstance(turn, dict) and turn.get("from") in ROLES
+        ok = isinstance(turn, dict) and isinstance(turn.get("from"), str)
+        ok = ok and turn["from"] in ROLES
         if not ok or not isinstance(turn.get("value"), str):
             raise DataError(
                 f'{where}: turn {t} must be {{"from": one of {sorted(ROLES)}, "value": '
@@ -117,12 +119,12 @@ def image_files(rec: dict) -> list[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
-def to_messages(conversations: Sequence[dict], image_token: str) -> list[dict]:
+def to_messages(conversations: Sequence[dict]) -> list[dict]:
     """LLaVA turns as Hugging Face chat messages; ``<image>`` becomes an image part."""
     messages = []
     for turn in conversations:
         role = ROLES[turn["from"]]
-        pieces = turn["value"].split(image_token)
+        pieces = turn["value"].split(PLACEHOLDER)
         content: list[dict] = []
         for k, piece in enumerate(pieces):
             if k:
@@ -334,13 +336,13 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _messages(self, index: int, rec: dict) -> list[dict]:
         files = image_files(rec)
-        count = sum(t["value"].count(self.image_token) for t in rec["conversations"])
+        count = sum(t["value"].count(PLACEHOLDER) for t in rec["conversations"])
         if count != len(files):
             raise DataError(
-                f"{self.path}: {_where(index, rec)}: {count} {self.image_token} placeholder(s) in "
+                f"{self.path}: {_where(index, rec)}: {count} {PLACEHOLDER} placeholder(s) in "
                 f"the conversation but {len(files)} image(s)"
             )
-        return to_messages(rec["conversations"], self.image_token)
+        return to_messages(rec["conversations"])
 
     def _named(self, index: int, rec: dict, build):
         try:

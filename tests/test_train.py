@@ -82,7 +82,7 @@ def test_tokens_equal_the_processors_own_chat_encoding(tiny):
     ds = LlavaDataset(d / "data.json", proc, d / "images")
     for i in (1, 2):  # two turns with an image; text-only
         rec = ds.records[i]
-        messages = to_messages(rec["conversations"], "<image>")
+        messages = to_messages(rec["conversations"])
         for part in messages[0]["content"]:
             if part["type"] == "image":
                 part["path"] = str(d / "images" / rec["image"])
