@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from vlm_tiny import TEXT, VIT
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN, "<unk>"]
@@ -150,34 +151,24 @@ def _fast(tokenizer):
     return tokenizer
 
 
-def _clip(image_size: int = 16, patch: int = 8):
+def _clip():
     from transformers import CLIPVisionConfig
 
-    return CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=patch,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        projection_dim=32,
-    )
+    return CLIPVisionConfig(**VIT, projection_dim=32)  # 16x16 pictures, 8x8 patches
 
 
 def _llama(tokenizer):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **{
+            **TEXT,
+            "vocab_size": len(tokenizer),
+            "num_hidden_layers": 3,  # --train-layers 2 leaves one frozen
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        },
         tie_word_embeddings=False,
     )
 
