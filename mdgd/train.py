@@ -184,7 +184,13 @@ def load_model(path: str, dtype: torch.dtype):
             f"--model {path}: its processor has no chat template; save one with the processor "
             "(chat_template.jinja) so that prompts are rendered as at inference time"
         )
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    except ValueError as e:  # e.g. a configuration class the auto mapping does not know
+        raise TrainError(
+            f"--model {path}: {kind} does not load as an image-text-to-text model "
+            f"({str(e).splitlines()[0]})"
+        ) from e
     model.config.use_cache = False
     return model, processor
 
@@ -248,19 +254,14 @@ class Run:
 def prepare(opts: TrainArguments, args) -> Run:
     """Load the model, processor and data, and build the Trainer and the monitor."""
     from .integrations.hf import MDGDTrainer
-    from .monitor import ForgettingMonitor
 
     if opts.mode not in MODES:
         raise TrainError(f"--mode must be one of {MODES}, got {opts.mode!r}")
     model, processor = load_model(opts.model, DTYPES[opts.dtype])
-    image_token_id = model.config.image_token_id
+    image_token_id = getattr(model.config, "image_token_id", None)  # None: the processor's
     train_set = LlavaDataset(
         opts.data, processor, opts.image_folder, opts.max_length, image_token_id
     )
-    eval_prompts = None
-    if opts.eval_data:
-        eval_set = LlavaDataset(opts.eval_data, processor, opts.image_folder, None, image_token_id)
-        eval_prompts = [eval_set.prompt(i) for i in range(len(eval_set))]
     ref = copy.deepcopy(model) if opts.mode in ("mdgd", "gm") else None  # no second disk read
     if opts.mode == "lora":
         model = _lora(model, opts.lora_rank, opts.lora_targets)
@@ -279,24 +280,41 @@ def prepare(opts: TrainArguments, args) -> Run:
         data_collator=Collator(pad_id),
         processing_class=processor,
     )
-    monitor = None
-    probe = probe_batches(train_set, opts.monitor_samples, pad_id) if opts.monitor_steps else []
-    if opts.monitor_steps and not probe:
-        warnings.warn(
-            "no training sample has an image: the forgetting monitor is off", stacklevel=2
-        )
-    if probe:
-        monitor = ForgettingMonitor(
-            trainer,
-            probe,
-            opts.monitor_steps,
-            reference=ref if ref is not None else model,  # before any update: phi
-            eval_prompts=eval_prompts,
-            tokenizer=processor.tokenizer,
-            max_new_tokens=opts.eval_max_new_tokens,
-        )
-        trainer.add_callback(monitor)
+    # phi: the reference model, or the model itself before any update (ft, lora)
+    monitor = build_monitor(trainer, opts, train_set, ref if ref is not None else model, pad_id)
     return Run(trainer, processor, train_set, monitor, ref)
+
+
+def build_monitor(trainer, opts: TrainArguments, train_set: LlavaDataset, phi, pad_id: int):
+    """The forgetting monitor, added to ``trainer`` (None when off or nothing to probe)."""
+    from .monitor import ForgettingMonitor
+
+    if opts.monitor_steps <= 0:
+        return None
+    probe = probe_batches(train_set, opts.monitor_samples, pad_id)
+    if not probe:
+        warnings.warn(
+            "no training sample has an image: the forgetting monitor is off", stacklevel=3
+        )
+        return None
+    eval_prompts = None
+    if opts.eval_data:
+        processor = train_set.processor
+        eval_set = LlavaDataset(
+            opts.eval_data, processor, opts.image_folder, None, train_set.image_token_id
+        )
+        eval_prompts = [eval_set.prompt(i) for i in range(len(eval_set))]
+    monitor = ForgettingMonitor(
+        trainer,
+        probe,
+        opts.monitor_steps,
+        reference=phi,
+        eval_prompts=eval_prompts,
+        tokenizer=train_set.processor.tokenizer,
+        max_new_tokens=opts.eval_max_new_tokens,
+    )
+    trainer.add_callback(monitor)
+    return monitor
 
 
 def run(opts: TrainArguments, args, r: Run | None = None) -> dict[str, Any]:

@@ -100,3 +100,17 @@ def test_mdgd_train_logs_eval_accuracy(tiny, tmp_path):
     run(opts, args, r)
     acc = [h["eval/accuracy"] for h in r.trainer.state.log_history if "eval/accuracy" in h]
     assert len(acc) == 2 and all(a in {k / 6 for k in range(7)} for a in acc)  # steps 1 and 4
+
+
+def test_text_only_data_trains_with_the_monitor_off(tiny, tmp_path):
+    d = tiny["llava"]
+    rows = [r for r in json.loads((d / "data.json").read_text()) if "image" not in r]
+    data = tmp_path / "text.json"
+    data.write_text(json.dumps(rows))
+    opts, args = parse(flags(d, tmp_path, max_steps=2, data=data))
+    with pytest.warns(UserWarning, match="no training sample has an image"):
+        r = prepare(opts, args)
+    assert r.monitor is None
+    run(opts, args, r)
+    steps = [h for h in r.trainer.state.log_history if "loss" in h]
+    assert [h["mdgd/text_only_fraction"] for h in steps] == [1.0, 1.0]
