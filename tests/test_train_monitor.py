@@ -60,7 +60,15 @@ def test_monitor_on_a_plain_trainer(tmp_path):
     )
     monitor = ForgettingMonitor(trainer, probe, every=2)
     trainer.add_callback(monitor)
+    seen = []  # what a reporting callback (TensorBoard, W&B, ...) receives
+
+    class Reporter(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.extend(k for k in logs if k.startswith("mdgd/"))
+
+    trainer.add_callback(Reporter())
     trainer.train()
+    assert seen.count("mdgd/erank") == 3 and seen.count("mdgd/erank_ref") == 3
     logged = [h for h in trainer.state.log_history if "mdgd/erank" in h]
     assert [h["step"] for h in logged] == [1, 2, 4]
     assert all(h["mdgd/erank_ref"] == pytest.approx(before) for h in logged)  # measured at step 0
