@@ -137,10 +137,10 @@ def demo_main(argv: list[str] | None = None) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mdgd",
-        description="Modality-Decoupled Gradient Descent: demo, benchmark and diagnostics.",
-        epilog="Run 'mdgd demo --help' or 'mdgd bench --help' for the options of each.",
+        description="Modality-Decoupled Gradient Descent: train, demo, bench and info.",
+        epilog="Run 'mdgd COMMAND --help' for the options of each command.",
     )
-    sub = p.add_subparsers(dest="command", metavar="{demo,bench,info}")
+    sub = p.add_subparsers(dest="command", metavar="{train,demo,bench,info}")
     sub.add_parser(
         "demo",
         help="visual-forgetting experiment: fine-tuning vs MDGD on a small LLaVA (minutes, CPU)",
@@ -155,17 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
         "reports (the same as python -m mdgd_kernels.info)",
         add_help=False,
     )
+    sub.add_parser(
+        "train",
+        help="fine-tune a LLaVA-family checkpoint on LLaVA-format data with MDGD (docs/train.md)",
+        add_help=False,
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0] not in ("demo", "bench", "info"):
+    if not argv or argv[0] not in ("train", "demo", "bench", "info"):
         parser.parse_args(argv)  # prints help/usage, or the error for an unknown command
         parser.print_help()
         return 2
     command, rest = argv[0], argv[1:]
+    if command == "train":
+        from mdgd.train import main as train_main  # lazy: imports transformers
+
+        return train_main(rest)
     if command == "demo":
         demo_main(rest)
     elif command == "info":

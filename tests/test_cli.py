@@ -25,7 +25,7 @@ def test_no_command_prints_help_and_fails(capsys):
 
 def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
-        main(["train"])
+        main(["fly"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
 
