@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mdgd.metrics import h_score
 
-TARGET_MARGIN = 5.0  # points: "MDGD's target score is within this of fine-tuning's"
+TARGET_MARGIN = 5.0  # points: MDGD's target score may be at most this below fine-tuning's
 
 
 @dataclass
@@ -79,8 +79,9 @@ def claims(
     margin: float = TARGET_MARGIN,
 ) -> list[str]:
     """Whether each of the demo's two claims holds in every seed (``runs[i]`` is seed ``i``'s
-    rows): MDGD forgets less than fine-tuning, and its target score is within ``margin``
-    points of fine-tuning's. Says so plainly when a claim fails in any seed."""
+    rows): MDGD forgets less than fine-tuning (a higher pre-trained tasks' mean), and its
+    target score is at most ``margin`` points below fine-tuning's. Says so plainly when a
+    claim fails in any seed."""
     per_seed = []
     for rows in runs:
         by = {r.method: summarise(r, pretrained_tasks, target) for r in rows}
@@ -102,7 +103,7 @@ def claims(
         f"{_holds(forget, seeds)}: MDGD forgets less than fine-tuning "
         f"(pre-trained tasks, points vs zero-shot, MDGD vs fine-tuning: {changes}).",
         f"{_holds(close, seeds)}: MDGD's target score is within {margin:g} points of "
-        f"fine-tuning's (MDGD minus fine-tuning: {gaps} points).",
+        f"fine-tuning's or above it (MDGD minus fine-tuning: {gaps} points).",
     ]
 
 
