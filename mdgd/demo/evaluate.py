@@ -18,6 +18,7 @@ vectors at the image-token positions, stacked over every eval picture of a task,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +27,9 @@ from mdgd.metrics import effective_rank as _erank
 from .caption import CaptionSplit, caption_scores
 from .model import IMAGE_ID
 from .tasks import ALL_TASKS, Split
+
+if TYPE_CHECKING:
+    from transformers.utils import ModelOutput
 
 
 @dataclass
@@ -40,7 +44,9 @@ def effective_rank(z: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def greedy(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int):
+def greedy(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], steps: int
+) -> tuple[torch.Tensor, ModelOutput]:
     """Generate ``steps`` tokens greedily after ``batch["input_ids"]`` (the prompt).
 
     Returns the ``[n, steps]`` generated ids and the model output of the prompt

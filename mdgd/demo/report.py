@@ -326,9 +326,12 @@ def plot_tradeoff(path: Path, tradeoff: dict) -> None:
     over = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean over seeds {seeds}"
     ax.set_xlabel("pre-trained tasks' mean score (%)  -> remembers more")
     ax.set_ylabel(f"target score: {tradeoff['target']} {tradeoff['metric']} (%)  -> learns more")
-    ax.set_title(f"forgetting vs learning, phase-2 steps swept (labels; {over})", fontsize=10)
+    ax.set_title(
+        f"learning vs forgetting: one point per number of phase-2 steps (labels), {over}",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
