@@ -144,7 +144,10 @@ def build_demo_parser(prog: str = "mdgd demo") -> argparse.ArgumentParser:
 
 def demo_main(argv: list[str] | None = None) -> dict:
     """``mdgd demo``: run the experiment and return the report (a dict, as saved in JSON)."""
-    args = build_demo_parser().parse_args(argv)
+    parser = build_demo_parser()
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
 
     from mdgd.demo.pretrain import default_cache_dir
     from mdgd.demo.run import FULL, QUICK, run_demo, with_overrides

@@ -373,3 +373,9 @@ def test_quick_tradeoff_points_are_the_models_along_the_run(quick, tmp_path):
     point = trade["methods"]["Fine-tune"][2]
     assert point["pretrained_mean"] == pytest.approx(100 * short["methods"][1]["pretrained_mean"])
     assert point["target"] == pytest.approx(100 * short["methods"][1]["target"])
+
+
+def test_seeds_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        demo_main(["--seeds", "0"])
+    assert "--seeds must be at least 1" in capsys.readouterr().err
