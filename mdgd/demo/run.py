@@ -32,7 +32,7 @@ from .report import (
     table_rows,
     write_all,
 )
-from .tasks import PRETRAINED_TASKS, TARGET_TASK, make_split
+from .tasks import PRETRAINED_TASKS, TARGET_TASK, Split, make_split
 
 TARGETS = (TARGET_TASK.name, CAPTION)
 # the trade-off sweep evaluates after these fractions of the phase-2 steps
@@ -55,6 +55,7 @@ class DemoConfig:
     extra: dict = field(default_factory=dict)
 
     def tradeoff_steps(self) -> tuple[int, ...]:
+        """The numbers of phase-2 steps after which ``--tradeoff`` evaluates."""
         steps = self.finetune.steps
         return tuple(sorted({max(1, round(f * steps)) for f in TRADEOFF_FRACTIONS}))
 
@@ -78,7 +79,7 @@ def method_by_name(name: str) -> Method:
     raise ValueError(f"unknown method {name!r}; choose from {[m.name for m in METHODS]}")
 
 
-def _data(config: DemoConfig) -> tuple[dict, object]:
+def _data(config: DemoConfig) -> tuple[dict[str, Split], Split]:
     """The eval splits of every task (pre-trained tasks, then the target) and the target's
     training split."""
     size = config.model
