@@ -64,8 +64,7 @@ class MethodResult:
     losses: list[float]
     figures: dict[str, float]  # means over steps of the engine's figures
     evaluation: Evaluation | None = None
-    note: str = ""
-    extra: dict = field(default_factory=dict)
+    checkpoints: dict[int, Evaluation] = field(default_factory=dict)  # steps -> evaluation
 
 
 def peft_available() -> bool:
@@ -105,8 +104,14 @@ def finetune(
     seed: int,
     progress: bool = True,
     erank_pictures: int = 200,
+    eval_at: tuple[int, ...] = (),
 ) -> MethodResult:
-    """Train a copy of ``pretrained`` with ``method``; evaluate it on ``eval_splits``."""
+    """Train a copy of ``pretrained`` with ``method``; evaluate it on ``eval_splits``.
+
+    ``eval_at`` also evaluates after those numbers of steps (``result.checkpoints``).
+    Phase 2 has no schedule, so the model after ``k`` of the steps is the model a
+    ``k``-step run would give: one run yields the whole steps sweep.
+    """
     torch.manual_seed(seed)
     model = copy.deepcopy(pretrained)
     model.train()
@@ -125,19 +130,19 @@ def finetune(
     engine = MDGDEngine(model, ref, opt, config)
 
     order = batch_schedule(len(target), settings.steps, settings.batch_size, seed)
-    losses, times, figs = [], [], []
+    losses, times, figs, checkpoints = [], [], [], {}
     bar = tqdm(
         order, desc=f"phase 2: {method.name}", disable=not progress, unit="step", leave=False
     )
-    start = time.perf_counter()
-    for idx in bar:
+    for done, idx in enumerate(bar, start=1):
         t0 = time.perf_counter()
         f = engine.step(target.batch(idx))
         times.append(time.perf_counter() - t0)
         losses.append(f["loss"])
         figs.append(f)
         bar.set_postfix(loss=f"{f['loss']:.3f}", refresh=False)
-    seconds = time.perf_counter() - start
+        if done in eval_at and done < len(order):
+            checkpoints[done] = evaluate(model, eval_splits, erank_pictures=erank_pictures)
     bar.close()
 
     means = {k: _nanmean([f[k] for f in figs]) for k in ("loss_v", "cos_mean", "selected_fraction")}
@@ -146,11 +151,14 @@ def finetune(
         trainable_params=n_trainable,
         updated_params=round(n_trainable * means["selected_fraction"]),
         step_ms=1000.0 * statistics.median(times[1:] or times),
-        train_seconds=seconds,
+        train_seconds=sum(times),
         losses=losses,
         figures=means,
+        evaluation=evaluate(model, eval_splits, erank_pictures=erank_pictures),
+        checkpoints=checkpoints,
     )
-    result.evaluation = evaluate(model, eval_splits, erank_pictures=erank_pictures)
+    if len(order) in eval_at:
+        result.checkpoints[len(order)] = result.evaluation
     return result
 
 
