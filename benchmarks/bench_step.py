@@ -66,11 +66,13 @@ def engine_class(mode: str):
         return MDGDEngine
 
     if mode == "mdgd-per-tensor":
+        from mdgd.distributed import LocalExchange
 
-        class PerTensor(MDGDEngine):
-            """The fused op replaced by the per-tensor loop; no statistics reported."""
+        class PerTensorExchange(LocalExchange):
+            """The fused op replaced by the per-tensor loop."""
 
-            def _direction_mdgd(self, n):
+            def direction(self, loss_sums, n):
+                totals = self.reduce(loss_sums, n)
                 per_tensor_direction_(
                     self.theta.views["g"],
                     self.theta.views["h"],
@@ -80,6 +82,16 @@ def engine_class(mode: str):
                 )
                 if n > 1:
                     self.theta.buffers["g"].mul_(1.0 / n)
+                return None, totals
+
+        class PerTensor(MDGDEngine):
+            """MDGD with the per-tensor op; no statistics reported."""
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.exchange.__class__ = PerTensorExchange
+
+            def _figures_mdgd(self, res, n):
                 nan = torch.full((6,), math.nan, device=self.device, dtype=torch.float64)
                 nan[2], nan[5] = 1.0, 0.0  # selected_fraction, skipped
                 figs = torch.cat([self._loss_sums.double() / n, nan])
@@ -94,8 +106,9 @@ def engine_class(mode: str):
             out_t, out_p = self.model(**batch), self.ref_model(**batch)
             self.theta.point("g")
             self.phi.point("g")
+            self.exchange.before_backward("g", last)
             (out_t.loss + out_p.loss).backward()
-            self._launch("g", last)
+            self.exchange.after_backward("g", last)
             kw = {**self.visual.forward_kwargs, "logits_to_keep": 1}
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             z_t, mask = self.visual(self.model, batch, self.model(**inputs, **kw))
@@ -103,8 +116,9 @@ def engine_class(mode: str):
             loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
             self.theta.point("h")
             self.phi.point("h")
+            self.exchange.before_backward("h", last)
             loss_v.backward()
-            self._launch("h", last)
+            self.exchange.after_backward("h", last)
             losses = torch.stack([out_t.loss.detach(), out_p.loss.detach(), loss_v.detach()])
             self._loss_sums += losses.float()
             return losses[0]

@@ -86,11 +86,6 @@ class MDGDTrainer(Trainer):
             raise ValueError("MDGDTrainer needs model")
         if self.mdgd_config.trainable is not None:
             mark_trainable(model, self.mdgd_config.trainable)  # before the optimizer is built
-        if self.mdgd_config.distributed == "sharded":
-            raise NotImplementedError(
-                "MDGDTrainer supports distributed='dp' (or 'auto'), not 'sharded': the "
-                "Trainer's optimizer steps the full parameters. Use MDGDEngine for sharded runs"
-            )
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError(
@@ -105,7 +100,7 @@ class MDGDTrainer(Trainer):
         self.engine = MDGDEngine(
             self.model, ref_model, None, self.mdgd_config, visual=visual, scaler=scaler
         )
-        if self.engine.dist is not None:
+        if self.engine.dist_mode != "none":
             self._keep_model_unwrapped()
         self._mdgd_logs: list[dict[str, float]] = []
 
