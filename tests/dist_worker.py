@@ -203,30 +203,34 @@ FSDP_MODES = {
     "ft": {"mode": "ft"},
 }
 # (mode, granularity, micro-batches per rank, reshard_after_forward, optimizer,
-#  HF activation checkpointing): every combination with AdamW and checkpointing on,
-# and a few with SGD (AdamW's update hardly depends on the gradient's scale)
+#  HF activation checkpointing, shard the frozen parameters): every combination with
+# AdamW and checkpointing on, and a few with SGD (AdamW's update hardly depends on the
+# gradient's scale) or with the frozen parameters left replicated
 FSDP_CASES = [
-    (mode, gran, micro, reshard, "adamw", True)
+    (mode, gran, micro, reshard, "adamw", True, True)
     for mode in FSDP_MODES
     for gran in ("tensor", "block:700")
     for micro in (1, 2)
     for reshard in (True, False)
 ] + [
-    ("mdgd", "tensor", 2, True, "sgd", False),
-    ("mdgd-noalign", "block:700", 1, False, "sgd", True),
-    ("gm", "tensor", 2, False, "sgd", False),
-    ("ft", "block:700", 2, True, "sgd", False),
+    ("mdgd", "tensor", 2, True, "sgd", False, True),
+    ("mdgd-noalign", "block:700", 1, False, "sgd", True, True),
+    ("gm", "tensor", 2, False, "sgd", False, True),
+    ("ft", "block:700", 2, True, "sgd", False, True),
+    ("mdgd", "tensor", 2, True, "sgd", True, False),
+    ("gm", "block:700", 1, False, "adamw", False, False),
 ]
 
 
 def fsdp_case_id(case) -> str:
-    mode, gran, micro, reshard, optim, ckpt = case
-    return f"{mode}-{gran}-micro{micro}-reshard{int(reshard)}-{optim}-ckpt{int(ckpt)}"
+    mode, gran, micro, reshard, optim, ckpt, frozen = case
+    key = f"{mode}-{gran}-micro{micro}-reshard{int(reshard)}-{optim}-ckpt{int(ckpt)}"
+    return key if frozen else key + "-frozen_replicated"
 
 
 def build_fsdp_case(case, sharded: bool):
     """theta, phi and the engine of one FSDP2 case (``sharded=False``: one process)."""
-    mode, gran, micro, reshard, optim, ckpt = case
+    mode, gran, micro, reshard, optim, ckpt, frozen = case
     theta, ref = models()
     pats = patterns(theta)
     mark_trainable(theta, pats)
@@ -235,7 +239,7 @@ def build_fsdp_case(case, sharded: bool):
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
     if sharded:
-        shard_models(theta, ref, reshard_after_forward=reshard)
+        shard_models(theta, ref, reshard_after_forward=reshard, shard_frozen=frozen)
     opt = optimizer_for(optim)([p for p in theta.parameters() if p.requires_grad])
     cfg = MDGDConfig(
         trainable=pats,
@@ -288,7 +292,7 @@ def run_fsdp_reference(case, world: int):
 def grad_storage(rank: int) -> dict:
     """Where the gradients live under FSDP2: the engine's buffers hold the local shards
     only, and every .grad of theta and phi is a view into them."""
-    case = ("mdgd", "tensor", 2, True, "adamw", False)
+    case = ("mdgd", "tensor", 2, True, "adamw", False, True)
     theta, ref, engine = build_fsdp_case(case, sharded=True)
     fgs = [engine.theta, engine.phi]
     local = sum(p.to_local().numel() for p in engine.theta.params)
