@@ -375,6 +375,63 @@ def scenario_fsdp_bad(rank: int, world: int, out: str) -> None:
         json.dump(msgs, f)
 
 
+def scenario_fsdp_ckpt(rank: int, world: int, out: str) -> None:
+    """4 steps straight vs 2 steps, checkpoint, a fresh engine, load, 2 more steps."""
+
+    def make():
+        ref = tiny_llava(seed=0, vision_hidden=33, heads=1, attention_dropout=0.2)
+        theta = perturbed_copy(ref, seed=1)
+        theta.train()  # dropout on: the RNG state matters
+        pats = patterns(theta)
+        mark_trainable(theta, pats)
+        shard_models(theta, ref)
+        opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        cfg = MDGDConfig(mode="gm", alpha=0.5, trainable=pats, dist_timeout_s=60)
+        return MDGDEngine(theta, ref, opt, cfg, lr_scheduler=sched)
+
+    def run(engine, steps):
+        return [engine.step(batch_for(engine.model.config, rank, s)) for s in steps]
+
+    def opt_state(engine):
+        return [
+            {k: v.to_local().clone() if hasattr(v, "to_local") else v for k, v in st.items()}
+            for st in (engine.optimizer.state[p] for p in engine.theta.params)
+        ]
+
+    torch.manual_seed(1234 + rank)
+    full = make()
+    figures_full = run(full, range(4))
+    torch.manual_seed(1234 + rank)
+    first = make()
+    run(first, range(2))
+    first.save_checkpoint(os.path.join(out, "ckpt"))
+    del first
+    torch.manual_seed(999)  # a different RNG state: the checkpoint must restore it
+    resumed = make()
+    resumed.load_checkpoint(os.path.join(out, "ckpt"))
+    step_after_load = resumed.step_count
+    figures_resumed = run(resumed, range(2, 4))
+    names = full.param_names
+    same_opt = all(
+        set(a) == set(b)
+        and all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+        for a, b in zip(opt_state(full), opt_state(resumed))
+    )
+    torch.save(
+        {
+            "figures_full": figures_full[2:],
+            "figures_resumed": figures_resumed,
+            "params_full": full_flat(full.model, names),
+            "params_resumed": full_flat(resumed.model, names),
+            "same_optimizer_state": same_opt,
+            "step_after_load": step_after_load,
+            "files": sorted(os.listdir(os.path.join(out, "ckpt"))),
+        },
+        os.path.join(out, f"fsdp_ckpt-{rank}.pt"),
+    )
+
+
 def scenario_trainer(rank: int, world: int, out: str) -> None:
     from mdgd.integrations.hf import MDGDTrainer
 
@@ -429,6 +486,7 @@ SCENARIOS = {
     "timeout_fsdp": functools.partial(scenario_timeout, sharded=True),
     "fsdp": scenario_fsdp,
     "fsdp_bad": scenario_fsdp_bad,
+    "fsdp_ckpt": scenario_fsdp_ckpt,
     "trainer": scenario_trainer,
 }
 

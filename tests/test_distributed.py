@@ -263,6 +263,17 @@ def test_fsdp_missing_rank_times_out_instead_of_hanging(tmp_path):
     assert got["seconds"] < 10
 
 
+def test_fsdp_checkpoint_resumes_bit_for_bit(tmp_path):
+    launch("fsdp_ckpt", tmp_path, timeout=180)
+    for rank in range(WORLD):
+        res = torch.load(tmp_path / f"fsdp_ckpt-{rank}.pt")
+        assert res["step_after_load"] == 2
+        assert repr(res["figures_resumed"]) == repr(res["figures_full"])  # bit-exact floats
+        assert torch.equal(res["params_resumed"], res["params_full"]), f"rank {rank} diverged"
+        assert res["same_optimizer_state"], f"rank {rank}: optimizer state differs"
+        assert {"dcp", "state.pt", f"rng-{rank}.pt"} <= set(res["files"]), res["files"]
+
+
 # ---------------------------------------------------------------------- in one process
 
 
