@@ -129,7 +129,7 @@ def load_checkpoint(engine, path: str | Path) -> None:
     state, tensors = _read(path, "tensors", "state")
     _check_compatible(engine, state, path)
     if engine.dist_mode == "fsdp":
-        _load_fsdp(engine, path)
+        load_sharded(engine.model, engine.optimizer, path / DCP_DIR)
         keys = ("lr_scheduler", "scaler")
         rng, rng_tensors = _read(path, _rng_name(), _rng_name())
         rng = rng["rng"]
@@ -222,25 +222,64 @@ def _rng_name() -> str:
     return f"rng-{dist.get_rank()}"
 
 
-def _dcp_state(engine) -> tuple[dict, dict, Any]:
-    """Theta's trainable parameters and the optimizer state, sharded, as DCP sees them."""
+def _dcp_state(model, optimizer) -> tuple[dict, dict, Any]:
+    """The trainable parameters and the optimizer state, sharded, as DCP sees them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    if engine.optimizer is None:
+    if optimizer is None:
         raise ValueError(
             "an FSDP2 checkpoint saves the optimizer with the model: give the engine its optimizer"
         )
     options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    model_sd, optim_sd = get_state_dict(engine.model, engine.optimizer, options=options)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     return model_sd, optim_sd, options
+
+
+def save_sharded(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path
+) -> None:
+    """Save an FSDP2 model's trainable parameters and its optimizer's state with
+    ``torch.distributed.checkpoint`` into the directory ``path`` (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+
+    model_sd, optim_sd, _ = _dcp_state(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+
+
+def load_sharded(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path
+) -> None:
+    """Load what :func:`save_sharded` wrote (every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_sd, optim_sd, options = _dcp_state(model, optimizer)
+    want = set(model_sd)
+    # parameters MDGD-GM never selected have no optimizer state in the checkpoint: leave
+    # them without state (get_state_dict's template initialises every parameter's)
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefixes = {key.rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
+    optim_sd["state"] = {
+        fqn: st for fqn, st in optim_sd["state"].items() if f"optim.state.{fqn}" in prefixes
+    }
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=str(path))
+    result = set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=loaded["model"],
+        optim_state_dict=loaded["optim"],
+        options=options,
+    )
+    missing = want & set(result.missing_keys)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} parameter(s), e.g. {min(missing)}")
 
 
 def _save_fsdp(engine, path: Path) -> Path:
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
 
-    model_sd, optim_sd, _ = _dcp_state(engine)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / DCP_DIR))
+    save_sharded(engine.model, engine.optimizer, path / DCP_DIR)
     if dist.get_rank() == 0:
         tensors: dict[str, torch.Tensor] = {}
         state = _engine_state(engine, tensors, ("lr_scheduler", "scaler"))
@@ -250,30 +289,3 @@ def _save_fsdp(engine, path: Path) -> Path:
     _write(path, _rng_name(), _rng_name(), rng, rng_tensors, engine.step_count)
     dist.barrier()  # every file is written before anyone reads them
     return path
-
-
-def _load_fsdp(engine, path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    model_sd, optim_sd, options = _dcp_state(engine)
-    want = set(model_sd)
-    # parameters MDGD-GM never selected have no optimizer state in the checkpoint: leave
-    # them without state (get_state_dict's template initialises every parameter's)
-    saved = dcp.FileSystemReader(str(path / DCP_DIR)).read_metadata().state_dict_metadata
-    prefixes = {key.rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
-    optim_sd["state"] = {
-        fqn: st for fqn, st in optim_sd["state"].items() if f"optim.state.{fqn}" in prefixes
-    }
-    loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=str(path / DCP_DIR))
-    result = set_state_dict(
-        engine.model,
-        engine.optimizer,
-        model_state_dict=loaded["model"],
-        optim_state_dict=loaded["optim"],
-        options=options,
-    )
-    missing = want & set(result.missing_keys)
-    if missing:
-        raise ValueError(f"{path / DCP_DIR} lacks {len(missing)} parameter(s), e.g. {min(missing)}")

@@ -479,6 +479,43 @@ def scenario_trainer(rank: int, world: int, out: str) -> None:
     )
 
 
+def scenario_trainer_fsdp(rank: int, world: int, out: str) -> None:
+    """The Trainer in "dp" and in "fsdp" mode (3 steps, a checkpoint at step 2), then an
+    "fsdp" run resumed from that checkpoint."""
+    from mdgd.integrations.hf import MDGDTrainer
+
+    def train(dmode: str, name: str, resume: str | None = None):
+        args = trainer_args(
+            os.path.join(out, name),
+            learning_rate=1e-2,
+            max_grad_norm=1.0,
+            adam_epsilon=1e-4,  # see optimizer_for
+            max_steps=3,
+            save_strategy="steps",
+            save_steps=2,
+            ddp_backend="gloo",
+            ddp_timeout=60,
+        )
+        theta, ref = models()
+        cfg = MDGDConfig(mode="mdgd", trainable=patterns(theta), distributed=dmode)
+        trainer = MDGDTrainer(
+            model=theta,
+            ref_model=ref,
+            mdgd_config=cfg,
+            args=args,
+            train_dataset=Examples(theta.config, 16),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        flat = full_flat(theta, trainer.engine.param_names)
+        return {"logs": logs, "params": flat, "mode": trainer.engine.dist_mode}
+
+    result = {"dp": train("dp", "dp"), "fsdp": train("fsdp", "fsdp")}
+    result["resumed"] = train("fsdp", "resumed", os.path.join(out, "fsdp", "checkpoint-2"))
+    result["files"] = sorted(os.listdir(os.path.join(out, "fsdp", "checkpoint-2")))
+    torch.save(result, os.path.join(out, f"trainer_fsdp-{rank}.pt"))
+
+
 SCENARIOS = {
     "steps": scenario_steps,
     "bad": scenario_bad,
@@ -488,6 +525,7 @@ SCENARIOS = {
     "fsdp_bad": scenario_fsdp_bad,
     "fsdp_ckpt": scenario_fsdp_ckpt,
     "trainer": scenario_trainer,
+    "trainer_fsdp": scenario_trainer_fsdp,
 }
 
 
@@ -496,7 +534,7 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
     try:
-        if scenario != "trainer":  # the Trainer's accelerate state makes its own group
+        if not scenario.startswith("trainer"):  # the Trainer's accelerate state makes its own
             dist.init_process_group(
                 "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
             )

@@ -274,6 +274,33 @@ def test_fsdp_checkpoint_resumes_bit_for_bit(tmp_path):
         assert {"dcp", "state.pt", f"rng-{rank}.pt"} <= set(res["files"]), res["files"]
 
 
+def test_trainer_on_fsdp2_equals_dp_and_resumes(tmp_path):
+    launch("trainer_fsdp", tmp_path, timeout=300)
+    res = [torch.load(tmp_path / f"trainer_fsdp-{r}.pt") for r in range(WORLD)]
+    for key in ("dp", "fsdp", "resumed"):
+        assert repr(res[0][key]["logs"]) == repr(res[1][key]["logs"]), f"{key}: ranks' logs differ"
+        assert torch.equal(res[0][key]["params"], res[1][key]["params"]), key
+    r = res[0]
+    assert (r["dp"]["mode"], r["fsdp"]["mode"]) == ("dp", "fsdp")
+    dp_logs, fsdp_logs = r["dp"]["logs"], r["fsdp"]["logs"]
+    assert len(fsdp_logs) == 3
+    for got, want in zip(fsdp_logs, dp_logs):
+        for key in ["loss", "grad_norm"] + [f"mdgd/{k}" for k in FIGURES]:
+            torch.testing.assert_close(
+                torch.tensor(got[key]),
+                torch.tensor(want[key]),
+                rtol=1e-5,
+                atol=1e-6,
+                equal_nan=True,
+                msg=key,
+            )
+    torch.testing.assert_close(r["fsdp"]["params"], r["dp"]["params"], rtol=1e-5, atol=1e-6)
+    assert {"mdgd_fsdp", "scheduler.pt", "mdgd_trainable.safetensors"} <= set(r["files"])
+    # resumed at step 2: the third step's log and the final parameters match
+    assert torch.equal(r["resumed"]["params"], r["fsdp"]["params"]), "the resumed run differs"
+    assert repr(r["resumed"]["logs"][-1]) == repr(fsdp_logs[-1])
+
+
 # ---------------------------------------------------------------------- in one process
 
 

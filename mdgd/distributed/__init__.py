@@ -23,7 +23,7 @@ from .common import canonical_name, check_micro_batches, is_fsdp, resolve_mode
 from .dp import DataParallelExchange
 from .exchange import GradExchange, LocalExchange
 from .fsdp import FSDPExchange
-from .shard import shard_models
+from .shard import shard_like, shard_models
 
 __all__ = [
     "DataParallelExchange",
@@ -35,6 +35,7 @@ __all__ = [
     "is_fsdp",
     "make_exchange",
     "resolve_mode",
+    "shard_like",
     "shard_models",
 ]
 

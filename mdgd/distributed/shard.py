@@ -97,3 +97,42 @@ def _match_requires_grad(model: nn.Module, ref_model: nn.Module) -> None:
         )
     for n, q in ref_model.named_parameters():
         q.requires_grad_(canonical_name(n) in trainable)
+
+
+def shard_like(ref_model: nn.Module, model: nn.Module) -> nn.Module:
+    """Wrap ``ref_model`` (phi) with ``fully_shard`` the way ``model`` (theta) is wrapped.
+
+    For a theta that something else wrapped, e.g. accelerate's FSDP2 plugin in
+    ``prepare``: every FSDP unit of theta (by module name, wrapper prefixes
+    removed) gets a unit in phi, innermost first, on theta's mesh, with the
+    unit's mixed-precision policy and its ``reshard_after_forward`` (read from
+    FSDP2's per-module state; defaults when a torch version hides them).
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    if is_fsdp(ref_model):
+        raise ValueError("ref_model is already wrapped by FSDP2")
+    units = {canonical_name(n): m for n, m in model.named_modules() if is_fsdp(m)}
+    if not units:
+        raise ValueError("model is not wrapped by FSDP2: use shard_models(model, ref_model)")
+    _match_requires_grad(model, ref_model)
+    mine = {canonical_name(n): m for n, m in ref_model.named_modules()}
+    missing = sorted(set(units) - set(mine))
+    if missing:
+        raise ValueError(f"ref_model has no module {missing[0]!r} (an FSDP unit of model)")
+    for name in sorted(units, key=lambda n: -len(n.split("."))):  # innermost first, root last
+        fully_shard(mine[name], **_unit_options(units[name]))
+    return ref_model
+
+
+def _unit_options(unit: nn.Module) -> dict[str, Any]:
+    """``fully_shard`` options of an FSDP2 unit: mesh, mp_policy, reshard_after_forward."""
+    state = unit._get_fsdp_state()
+    group = next(iter(getattr(state, "_fsdp_param_groups", [])), None)
+    out: dict[str, Any] = {}
+    if getattr(state, "_mp_policy", None) is not None:
+        out["mp_policy"] = state._mp_policy
+    if group is not None:
+        out["mesh"] = group.mesh_info.mesh
+        out["reshard_after_forward"] = group.post_forward_mesh_info is not None
+    return out
