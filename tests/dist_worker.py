@@ -373,6 +373,44 @@ def scenario_fsdp_bad(rank: int, world: int, out: str) -> None:
     msgs["good_mode"] = good.dist_mode
     with open(os.path.join(out, f"fsdp_bad-{rank}.json"), "w") as f:
         json.dump(msgs, f)
+    torch.save(run_plugin_wrapped(rank), os.path.join(out, f"plugin-{rank}.pt"))
+
+
+PLUGIN_CASE = ("mdgd", "tensor", 1, True, "adamw", False, True)
+
+
+def run_plugin_wrapped(rank: int):
+    """PLUGIN_CASE with theta wrapped as accelerate's FSDP2 plugin wraps it in prepare()
+    (its own function, on a stand-in accelerator) and phi wrapped like theta."""
+    import types
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+    from mdgd.distributed import shard_like
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer", "CLIPEncoderLayer"],
+    )
+    accelerator = types.SimpleNamespace(
+        state=types.SimpleNamespace(fsdp_plugin=plugin),
+        torch_device_mesh=None,
+        mixed_precision="no",
+        device=torch.device("cpu"),
+        is_main_process=rank == 0,
+    )
+    theta, ref = models()
+    pats = patterns(theta)
+    mark_trainable(theta, pats)
+    theta = fsdp2_prepare_model(accelerator, theta)
+    shard_like(ref, theta)
+    opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
+    engine = MDGDEngine(theta, ref, opt, MDGDConfig(trainable=pats, dist_timeout_s=60))
+    figures = [engine.step(batch_for(theta.config, rank, step)) for step in range(STEPS)]
+    units = [n for n, m in theta.named_modules() if type(m).__name__.startswith("FSDP")]
+    return full_flat(theta, engine.param_names), figures, engine.dist_mode, units
 
 
 def scenario_fsdp_ckpt(rank: int, world: int, out: str) -> None:

@@ -21,6 +21,7 @@ import torch
 from dist_worker import (
     CASES,
     FSDP_CASES,
+    PLUGIN_CASE,
     STEPS,
     batch_for,
     case_id,
@@ -29,6 +30,7 @@ from dist_worker import (
     models,
     optimizer_for,
     patterns,
+    run_fsdp_reference,
 )
 from llava_tiny import one_thread  # noqa: F401  (fixture)
 
@@ -241,8 +243,15 @@ def test_fsdp_keeps_no_full_size_gradient(fsdp_results):
     assert sum(locals_) == total and max(locals_) <= total // WORLD + 64, locals_
 
 
-def test_fsdp_models_wrapped_differently_fail_on_every_rank(tmp_path):
-    launch("fsdp_bad", tmp_path, timeout=120)
+@pytest.fixture(scope="module")
+def fsdp_bad_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_bad")
+    launch("fsdp_bad", out, timeout=180)
+    return out
+
+
+def test_fsdp_models_wrapped_differently_fail_on_every_rank(fsdp_bad_dir):
+    tmp_path = fsdp_bad_dir
     expect = {
         "units": "sharded differently",
         "one_wrapped": "is wrapped by FSDP2 (fully_shard) but ref_model is not",
@@ -254,6 +263,19 @@ def test_fsdp_models_wrapped_differently_fail_on_every_rank(tmp_path):
         for key, text in expect.items():
             assert text in msgs[key], f"rank {rank}, {key}: {msgs[key]}"
         assert msgs["good_mode"] == "fsdp"
+
+
+def test_fsdp_phi_wrapped_like_an_accelerate_plugin_theta(fsdp_bad_dir):
+    """theta wrapped by accelerate's own FSDP2 preparation, phi by shard_like: equal to
+    one process (the Trainer's accelerate-plugin path, as far as a CPU allows)."""
+    (p0, f0, mode, units), (p1, f1, _, _) = (
+        torch.load(fsdp_bad_dir / f"plugin-{r}.pt") for r in range(WORLD)
+    )
+    assert mode == "fsdp" and "lm_head" in units and len(units) > 4, units
+    assert torch.equal(p0, p1)
+    want, want_figs = run_fsdp_reference(PLUGIN_CASE, WORLD)
+    torch.testing.assert_close(p0, want, rtol=1e-5, atol=1e-6)
+    assert_figures("plugin", f0, f1, want_figs)
 
 
 def test_fsdp_missing_rank_times_out_instead_of_hanging(tmp_path):

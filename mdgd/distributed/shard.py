@@ -120,7 +120,7 @@ def shard_like(ref_model: nn.Module, model: nn.Module) -> nn.Module:
     missing = sorted(set(units) - set(mine))
     if missing:
         raise ValueError(f"ref_model has no module {missing[0]!r} (an FSDP unit of model)")
-    for name in sorted(units, key=lambda n: -len(n.split("."))):  # innermost first, root last
+    for name in sorted(units, key=lambda n: (n == "", -n.count("."))):  # innermost first, root last
         fully_shard(mine[name], **_unit_options(units[name]))
     return ref_model
 
