@@ -383,7 +383,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for mode in modes:
             cmd = [sys.executable, __file__, *base, "--mode", mode]
             if mode in DIST_MODES:
-                launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}"]
+                # --standalone: a free port, so that concurrent launches do not collide
+                launcher = ["-m", "torch.distributed.run", "--standalone"]
+                launcher.append(f"--nproc_per_node={args.nproc}")
                 cmd = [sys.executable, *launcher, __file__, *base, "--mode", mode]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:

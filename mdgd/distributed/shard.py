@@ -116,6 +116,7 @@ def shard_like(ref_model: nn.Module, model: nn.Module) -> nn.Module:
     if not units:
         raise ValueError("model is not wrapped by FSDP2: use shard_models(model, ref_model)")
     _match_requires_grad(model, ref_model)
+    _match_trainable_dtypes(model, ref_model)
     mine = {canonical_name(n): m for n, m in ref_model.named_modules()}
     missing = sorted(set(units) - set(mine))
     if missing:
@@ -136,3 +137,13 @@ def _unit_options(unit: nn.Module) -> dict[str, Any]:
         out["mesh"] = group.mesh_info.mesh
         out["reshard_after_forward"] = group.post_forward_mesh_info is not None
     return out
+
+
+def _match_trainable_dtypes(model: nn.Module, ref_model: nn.Module) -> None:
+    """phi's trainable parameters in theta's dtypes (accelerate's FSDP2 preparation
+    upcasts theta's trainable parameters to float32 under mixed precision)."""
+    dtypes = {canonical_name(n): p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    for n, q in ref_model.named_parameters():
+        want = dtypes.get(canonical_name(n))
+        if want is not None and q.dtype != want:
+            q.data = q.data.to(want)
