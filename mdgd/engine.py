@@ -152,6 +152,11 @@ class MDGDEngine:
             (model, self.ref_model),
             process_group,
         )
+        if scaler is not None and not self.exchange.supports_scaler:
+            raise ValueError(
+                f"a GradScaler is not supported in distributed={self.dist_mode!r} mode (its "
+                "overflow check would see only this rank's shard): train in bf16 instead"
+            )
         self.theta, self.phi = self.exchange.theta, self.exchange.phi
         self.device = self.theta.device
         self.segments = self.exchange.segments

@@ -45,6 +45,8 @@ class GradExchange:
     """
 
     mode = "none"
+    supports_scaler = True
+    """False where a ``GradScaler``'s per-rank overflow check would see only a shard."""
     uniform_backward = False
     """True when every rank must run the same backward calls in every micro-batch
     (FSDP2: each backward reduce-scatters); a micro-batch that would skip the ``h``

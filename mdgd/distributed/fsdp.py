@@ -47,6 +47,7 @@ class FSDPExchange(GradExchange):
     """Buffers of the local shards of FSDP2 models (module doc)."""
 
     mode = "fsdp"
+    supports_scaler = False
     uniform_backward = True
 
     def __init__(
