@@ -9,9 +9,16 @@ torchrun sets the same variables. Scenarios:
   ``OUT/steps-<rank>.pt``.
 * ``bad``: configurations on which the ranks disagree, one after another; each
   must raise a ValueError on every rank; the messages go to ``OUT/bad-<rank>.json``.
-* ``timeout``: rank 1 never builds its engine; rank 0 must raise within the timeout.
+* ``timeout`` / ``timeout_fsdp``: rank 1 never builds its engine; rank 0 must raise
+  within the timeout.
 * ``trainer``: MDGDTrainer for 3 steps with the process group made by the
   TrainingArguments (accelerate), as under ``torchrun``; ``OUT/trainer-<rank>.pt``.
+* ``fsdp``: every case of :data:`FSDP_CASES` under FSDP2, the one-process references
+  (half on each rank) and where the gradients live; ``OUT/fsdp-<rank>.pt``.
+* ``fsdp_bad``: models wrapped differently (a ValueError on every rank), then
+  theta prepared the way accelerate's FSDP2 plugin does and phi by ``shard_like``.
+* ``fsdp_ckpt``: checkpoint and resume under FSDP2 against the uninterrupted run.
+* ``trainer_fsdp``: MDGDTrainer in "dp" and "fsdp" mode, and resumed on FSDP2.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from llava_tiny import (  # noqa: E402
 )
 
 from mdgd import (  # noqa: E402
+    ImageTokenHidden,
     MDGDConfig,
     MDGDEngine,
     llava_trainable_patterns,
@@ -171,8 +179,32 @@ def scenario_bad(rank: int, world: int, out: str) -> None:
     if rank == 1:
         good.backward(batch_for(t.config, rank, 2))
     msgs["micro_batches"] = expect_value_error(good.step)
+    msgs["no_h_backward"] = run_without_h_backward_on_rank_1(theta, ref, pats, rank)
     with open(os.path.join(out, f"bad-{rank}.json"), "w") as f:
         json.dump(msgs, f)
+
+
+class NoVisualGraph(ImageTokenHidden):
+    """pi(X^v) detached: L_v has no graph, so the engine runs no h backward (as for a
+    micro-batch without image tokens)."""
+
+    def __call__(self, model, batch, outputs):
+        z, mask = super().__call__(model, batch, outputs)
+        return z.detach(), mask
+
+
+def run_without_h_backward_on_rank_1(theta, ref, pats, rank: int) -> list[float]:
+    """dp with small buckets: rank 0's hooks send h buckets mid-backward, rank 1 runs no
+    h backward at all; the collectives must still match (no hang) and the ranks agree."""
+    t, r = copy.deepcopy(theta), copy.deepcopy(ref)
+    mark_trainable(t, pats)
+    opt = torch.optim.SGD([p for p in t.parameters() if p.requires_grad], lr=LR)
+    cfg = MDGDConfig(trainable=pats, dist_timeout_s=20, dist_bucket_mb=2**-9)
+    visual = NoVisualGraph() if rank == 1 else None
+    engine = MDGDEngine(t, r, opt, cfg, visual=visual)
+    for step in range(2):
+        engine.step(batch_for(t.config, rank, step))
+    return full_flat(t, engine.param_names).tolist()
 
 
 def scenario_timeout(rank: int, world: int, out: str, sharded: bool = False) -> None:

@@ -164,6 +164,8 @@ def test_disagreeing_ranks_fail_fast_on_every_rank(tmp_path):
         for key, text in expect.items():
             assert text in m[key], f"rank {rank}, {key}: {m[key]}"
     assert "rank 1" in msgs[0]["trainable"] and "elements" in msgs[0]["trainable"]
+    # rank 1 ran no h backward while rank 0's hooks sent h buckets: no hang, same result
+    assert msgs[0]["no_h_backward"] == msgs[1]["no_h_backward"]
 
 
 def test_missing_rank_times_out_instead_of_hanging(tmp_path):
@@ -408,6 +410,14 @@ def test_one_rank_group_equals_no_group(one_rank_group, dmode):
     """With one rank every mode is the single-process engine ("auto" resolves to none)."""
     got = one_rank_run(dmode)
     torch.testing.assert_close(got, one_rank_run("none"), rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp_refuses_a_grad_scaler(one_rank_group):
+    theta, ref = models()
+    mark_trainable(theta, patterns(theta))
+    shard_models(theta, ref)
+    with pytest.raises(ValueError, match="GradScaler.*bf16"):
+        MDGDEngine(theta, ref, None, MDGDConfig(), scaler=torch.amp.GradScaler("cpu"))
 
 
 def test_sharded_mode_is_retired_in_favour_of_fsdp2():
