@@ -308,6 +308,11 @@ def table(rows: list[dict]) -> str:
                 f"{vs_fused:.2f}x",
             ]
         )
+    return format_table(head, body)
+
+
+def format_table(head: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell, the first left-aligned, a rule under the head."""
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = [
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -331,13 +336,7 @@ def memory_table(rows: list[dict]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        for r in [head, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(head, body)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

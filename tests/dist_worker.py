@@ -502,8 +502,23 @@ def scenario_fsdp_ckpt(rank: int, world: int, out: str) -> None:
     )
 
 
-def scenario_trainer(rank: int, world: int, out: str) -> None:
+def make_trainer(args, **config):
+    """theta, phi and an MDGDTrainer (mode "mdgd") on 16 examples."""
     from mdgd.integrations.hf import MDGDTrainer
+
+    theta, ref = models()
+    cfg = MDGDConfig(mode="mdgd", trainable=patterns(theta), **config)
+    trainer = MDGDTrainer(
+        model=theta,
+        ref_model=ref,
+        mdgd_config=cfg,
+        args=args,
+        train_dataset=Examples(theta.config, 16),
+    )
+    return theta, ref, trainer
+
+
+def scenario_trainer(rank: int, world: int, out: str) -> None:
 
     args = trainer_args(
         os.path.join(out, "trainer"),
@@ -515,15 +530,7 @@ def scenario_trainer(rank: int, world: int, out: str) -> None:
         ddp_timeout=60,
     )
     assert dist.is_initialized() and dist.get_world_size() == world, "no process group"
-    theta, ref = models()
-    cfg = MDGDConfig(mode="mdgd", trainable=patterns(theta), dist_timeout_s=60)
-    trainer = MDGDTrainer(
-        model=theta,
-        ref_model=ref,
-        mdgd_config=cfg,
-        args=args,
-        train_dataset=Examples(theta.config, 16),
-    )
+    theta, ref, trainer = make_trainer(args, dist_timeout_s=60)
     trainer.train()
     engine = trainer.engine
     params = dict(theta.named_parameters())
@@ -552,7 +559,6 @@ def scenario_trainer(rank: int, world: int, out: str) -> None:
 def scenario_trainer_fsdp(rank: int, world: int, out: str) -> None:
     """The Trainer in "dp" and in "fsdp" mode (3 steps, a checkpoint at step 2), then an
     "fsdp" run resumed from that checkpoint."""
-    from mdgd.integrations.hf import MDGDTrainer
 
     def train(dmode: str, name: str, resume: str | None = None):
         args = trainer_args(
@@ -566,15 +572,7 @@ def scenario_trainer_fsdp(rank: int, world: int, out: str) -> None:
             ddp_backend="gloo",
             ddp_timeout=60,
         )
-        theta, ref = models()
-        cfg = MDGDConfig(mode="mdgd", trainable=patterns(theta), distributed=dmode)
-        trainer = MDGDTrainer(
-            model=theta,
-            ref_model=ref,
-            mdgd_config=cfg,
-            args=args,
-            train_dataset=Examples(theta.config, 16),
-        )
+        theta, _, trainer = make_trainer(args, distributed=dmode)
         trainer.train(resume_from_checkpoint=resume)
         logs = [h for h in trainer.state.log_history if "loss" in h]
         flat = full_flat(theta, trainer.engine.param_names)

@@ -168,8 +168,9 @@ def test_disagreeing_ranks_fail_fast_on_every_rank(tmp_path):
     assert msgs[0]["no_h_backward"] == msgs[1]["no_h_backward"]
 
 
-def test_missing_rank_times_out_instead_of_hanging(tmp_path):
-    launch("timeout", tmp_path, timeout=60)
+@pytest.mark.parametrize("scenario", ["timeout", "timeout_fsdp"])
+def test_missing_rank_times_out_instead_of_hanging(tmp_path, scenario):
+    launch(scenario, tmp_path, timeout=60)
     got = json.loads((tmp_path / "timeout-0.json").read_text())
     assert "did not check in" in got["message"], got["message"]
     assert got["seconds"] < 10
@@ -278,13 +279,6 @@ def test_fsdp_phi_wrapped_like_an_accelerate_plugin_theta(fsdp_bad_dir):
     want, want_figs = run_fsdp_reference(PLUGIN_CASE, WORLD)
     torch.testing.assert_close(p0, want, rtol=1e-5, atol=1e-6)
     assert_figures("plugin", f0, f1, want_figs)
-
-
-def test_fsdp_missing_rank_times_out_instead_of_hanging(tmp_path):
-    launch("timeout_fsdp", tmp_path, timeout=60)
-    got = json.loads((tmp_path / "timeout-0.json").read_text())
-    assert "did not check in" in got["message"], got["message"]
-    assert got["seconds"] < 10
 
 
 def test_fsdp_checkpoint_resumes_bit_for_bit(tmp_path):
