@@ -15,7 +15,14 @@ Rows (each in fresh subprocesses, so that its peak memory is its own; with
   ``torch.dot``/``add_`` per parameter, a host sync per tensor);
 * ``mdgd-recompute``: MDGD that recomputes both forwards for the ``L_v``
   backward instead of retaining the graph of the first backward (the design
-  question "retain or recompute?", answered by measurement).
+  question "retain or recompute?", answered by measurement);
+* ``mdgd-dp`` and ``mdgd-fsdp`` (ask for them with ``--modes``): MDGD under
+  ``torchrun`` with ``--nproc`` processes (gloo on CPU, NCCL on CUDA), in
+  ``distributed="dp"`` (unwrapped models, the four full buffers all-reduced)
+  and ``"fsdp"`` (both models sharded by ``mdgd.shard_models``). Each rank runs
+  its own batch; the step time is rank 0's, and the row adds each rank's bytes
+  of gradient buffers, optimizer state and parameters (local shards of both
+  models), and the largest per-rank peak memory.
 
 Every MDGD row runs two forwards (theta and phi), ``backward(L_vl(theta) +
 L_vl(phi))`` into the ``g`` buffers and ``backward(L_v)`` into the ``h`` buffers,
@@ -45,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mdgd.bench import _machine, _sync
 
@@ -52,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tiny-LLaVA builder shared with the tests
 
 MODES = ("ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute")
+DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
 
 
 # ---------------------------------------------------------------------- engine variants
@@ -62,15 +71,17 @@ def engine_class(mode: str):
     from mdgd.reference import per_tensor_direction_
     from mdgd.visual import visual_l1
 
-    if mode in ("ft", "mdgd"):
+    if mode in ("ft", "mdgd", *DIST_MODES):
         return MDGDEngine
 
     if mode == "mdgd-per-tensor":
+        from mdgd.distributed import LocalExchange
 
-        class PerTensor(MDGDEngine):
-            """The fused op replaced by the per-tensor loop; no statistics reported."""
+        class PerTensorExchange(LocalExchange):
+            """The fused op replaced by the per-tensor loop."""
 
-            def _direction_mdgd(self, n):
+            def direction(self, loss_sums, n):
+                totals = self.reduce(loss_sums, n)
                 per_tensor_direction_(
                     self.theta.views["g"],
                     self.theta.views["h"],
@@ -80,6 +91,16 @@ def engine_class(mode: str):
                 )
                 if n > 1:
                     self.theta.buffers["g"].mul_(1.0 / n)
+                return None, totals
+
+        class PerTensor(MDGDEngine):
+            """MDGD with the per-tensor op; no statistics reported."""
+
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.exchange.__class__ = PerTensorExchange
+
+            def _figures_mdgd(self, res, n):
                 nan = torch.full((6,), math.nan, device=self.device, dtype=torch.float64)
                 nan[2], nan[5] = 1.0, 0.0  # selected_fraction, skipped
                 figs = torch.cat([self._loss_sums.double() / n, nan])
@@ -94,8 +115,9 @@ def engine_class(mode: str):
             out_t, out_p = self.model(**batch), self.ref_model(**batch)
             self.theta.point("g")
             self.phi.point("g")
+            self.exchange.before_backward("g", last)
             (out_t.loss + out_p.loss).backward()
-            self._launch("g", last)
+            self.exchange.after_backward("g", last)
             kw = {**self.visual.forward_kwargs, "logits_to_keep": 1}
             inputs = {k: v for k, v in batch.items() if k != "labels"}
             z_t, mask = self.visual(self.model, batch, self.model(**inputs, **kw))
@@ -103,8 +125,9 @@ def engine_class(mode: str):
             loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
             self.theta.point("h")
             self.phi.point("h")
+            self.exchange.before_backward("h", last)
             loss_v.backward()
-            self._launch("h", last)
+            self.exchange.after_backward("h", last)
             losses = torch.stack([out_t.loss.detach(), out_p.loss.detach(), loss_v.detach()])
             self._loss_sums += losses.float()
             return losses[0]
@@ -124,11 +147,15 @@ def _p20_p80(xs: list[float]) -> tuple[float, float]:
 def worker(args: argparse.Namespace) -> dict:
     from llava_tiny import perturbed_copy, random_batch, tiny_llava
 
-    from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable
+    from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable, shard_models
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    rank, world = 0, 1
+    if args.mode in DIST_MODES:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     size = dict(
         image_size=args.image_size,
@@ -147,12 +174,17 @@ def worker(args: argparse.Namespace) -> dict:
         del ref
         ref = None
     patterns = llava_trainable_patterns(theta, args.trainable_layers)
-    cfg = MDGDConfig(mode=algo, trainable=patterns)
+    dmode = DIST_MODES.get(args.mode, "none")
+    cfg = MDGDConfig(mode=algo, trainable=patterns, distributed=dmode)
     mark_trainable(theta, patterns)  # before the optimizer is built
+    if dmode == "fsdp":
+        shard_models(theta, ref)
     opt = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-5)
     engine = engine_class(args.mode)(theta, ref, opt, cfg)
     batches = [
-        random_batch(theta.config, args.batch_size, args.text_len, seed=i, device=device)
+        random_batch(
+            theta.config, args.batch_size, args.text_len, seed=i * world + rank, device=device
+        )
         for i in range(4)
     ]
     if dtype != torch.float32:
@@ -166,7 +198,7 @@ def worker(args: argparse.Namespace) -> dict:
         batch = batches[i % len(batches)]
         _sync(device)
         t0 = time.perf_counter()
-        engine.backward(batch)
+        engine.backward(batch, last=True)
         _sync(device)
         t1 = time.perf_counter()
         engine.compute_direction()
@@ -184,7 +216,7 @@ def worker(args: argparse.Namespace) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {
+    row = {
         "mode": args.mode,
         "times": {"step": total, "fwd_bwd": fwd_bwd, "direction": direction, "optimizer": optim},
         "peak_mem_mb": peak / 2**20,
@@ -194,6 +226,32 @@ def worker(args: argparse.Namespace) -> dict:
         "total_params": sum(p.numel() for p in theta.parameters()),
         "image_tokens": (args.image_size // args.patch_size) ** 2,
     }
+    if dmode == "none":
+        return row
+    row["world"] = world
+    row.update(per_rank_bytes(engine, [theta, ref], opt))
+    rows: list[dict] = [{}] * world
+    dist.all_gather_object(rows, row)
+    dist.destroy_process_group()
+    if rank != 0:
+        return {}
+    for key in ("grads_mb", "optim_mb", "params_mb", "peak_mem_mb"):
+        row[key] = max(r[key] for r in rows)
+        row[f"{key}_per_rank"] = [r[key] for r in rows]
+    return row
+
+
+def per_rank_bytes(engine, models, opt) -> dict[str, float]:
+    """This rank's MB of gradient buffers, optimizer state and parameters (local shards)."""
+    from mdgd.buffers import local_tensor
+
+    def mb(tensors) -> float:
+        return sum(local_tensor(t).numel() * t.element_size() for t in tensors) / 2**20
+
+    grads = [b for fg in (engine.theta, engine.phi) if fg for b in fg.buffers.values()]
+    state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    params = [p for m in models for p in m.parameters()]
+    return {"grads_mb": mb(grads), "optim_mb": mb(state), "params_mb": mb(params)}
 
 
 def summarise(runs: list[dict], batch_size: int) -> dict:
@@ -250,6 +308,11 @@ def table(rows: list[dict]) -> str:
                 f"{vs_fused:.2f}x",
             ]
         )
+    return format_table(head, body)
+
+
+def format_table(head: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell, the first left-aligned, a rule under the head."""
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = [
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -257,6 +320,23 @@ def table(rows: list[dict]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def memory_table(rows: list[dict]) -> str:
+    """Per-rank bytes of the distributed rows (the largest rank's)."""
+    head = ["mode", "ranks", "grads MB/rank", "optim MB/rank", "params MB/rank", "peak MB/rank"]
+    body = [
+        [
+            r["mode"],
+            str(r["world"]),
+            f"{r['grads_mb']:.2f}",
+            f"{r['optim_mb']:.2f}",
+            f"{r['params_mb']:.2f}",
+            f"{r['peak_mem_mb']:.0f}",
+        ]
+        for r in rows
+    ]
+    return format_table(head, body)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -279,6 +359,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--nproc", type=int, default=2, help="processes of the mdgd-dp/fsdp rows")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/...)")
     p.add_argument("--mode", help=argparse.SUPPRESS)  # worker
     return p.parse_args(argv)
@@ -286,18 +367,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse(argv)
-    if args.mode:  # worker process: one row as JSON on stdout
-        print(json.dumps(worker(args)))
+    if args.mode:  # worker process: one row as JSON on stdout (rank 0 only)
+        row = worker(args)
+        if row:
+            print(json.dumps(row))
         return []
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if m not in MODES and m not in DIST_MODES]
     if bad:
-        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES}")
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES + tuple(DIST_MODES)}")
     base = list(argv if argv is not None else sys.argv[1:])
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for r in range(args.rounds):  # rounds alternate the rows, spreading a shared host's noise
         for mode in modes:
             cmd = [sys.executable, __file__, *base, "--mode", mode]
+            if mode in DIST_MODES:
+                # --standalone: a free port, so that concurrent launches do not collide
+                launcher = ["-m", "torch.distributed.run", "--standalone"]
+                launcher.append(f"--nproc_per_node={args.nproc}")
+                cmd = [sys.executable, *launcher, __file__, *base, "--mode", mode]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"row {mode} failed:\n{out.stderr[-4000:]}")
@@ -316,6 +404,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{machine['threads']} threads"
     )
     print(table(rows))
+    if any(r["mode"] in DIST_MODES for r in rows):
+        print(memory_table([r for r in rows if r["mode"] in DIST_MODES]))
     record = {
         "benchmark": "bench_step",
         "machine": machine,

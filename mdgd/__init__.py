@@ -13,7 +13,9 @@ The HF Trainer lives in :mod:`mdgd.integrations.hf` (imported on demand, so that
 from __future__ import annotations
 
 from .config import MDGDConfig, llava_trainable_patterns, mark_trainable
+from .distributed import shard_models
 from .engine import FIGURES, MDGDEngine
+from .recompute import recompute_layers
 from .visual import ImageTokenHidden
 
 __version__ = "0.1.0"
@@ -25,4 +27,6 @@ __all__ = [
     "MDGDEngine",
     "llava_trainable_patterns",
     "mark_trainable",
+    "recompute_layers",
+    "shard_models",
 ]

@@ -14,6 +14,8 @@ parameters and moments alike. A state tensor the step creates gets zeros there
 ``step``) still advance for a partly selected parameter.
 
 Parameters with no selected block have ``grad = None`` and are untouched anyway.
+Under FSDP2 each rank restores its own shards (the parameters, moments and mask
+rows it holds).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .buffers import local_tensor
 
 
 class FreezeUnselected:
@@ -34,8 +38,10 @@ class FreezeUnselected:
         owner: Sequence[int],
         sizes: Sequence[int],
         device: torch.device,
+        local_ranges: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self.params = list(params)
+        self.local_ranges = local_ranges  # FSDP2: this rank's flat [lo, hi) of each parameter
         self.segments = [0] * len(self.params)  # segments per parameter
         for o in owner:
             self.segments[o] += 1
@@ -52,10 +58,11 @@ class FreezeUnselected:
         """The engine's freezer: ``gm`` with ``"block:K"`` and ``freeze_unselected``."""
         cfg = engine.config
         wanted = cfg.mode == "gm" and cfg.block_size is not None and cfg.freeze_unselected
-        if not wanted or engine.dist_mode == "sharded":
+        if not wanted:
             return None
         segs = engine.segments
-        return cls(engine.theta.params, segs.param_index, segs.sizes, engine.device)
+        ranges = engine.exchange.local_ranges
+        return cls(engine.theta.params, segs.param_index, segs.sizes, engine.device, ranges)
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Run around every ``optimizer.step()`` (idempotent)."""
@@ -76,18 +83,22 @@ class FreezeUnselected:
                 keep = torch.repeat_interleave(
                     mask[lo:hi], self.sizes[lo:hi], output_size=p.numel()
                 )
-                self._partial.append((p, keep.view(p.shape)))
+                if self.local_ranges is not None:
+                    a, b = self.local_ranges[j]
+                    keep = keep[a:b]
+                self._partial.append((p, keep.view(local_tensor(p).shape)))
 
     def _before(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         self._saved = [
-            (p.detach().clone(), {k: v.clone() for k, v in _moments(optimizer, p)})
+            (local_tensor(p.detach()).clone(), {k: v.clone() for k, v in _moments(optimizer, p)})
             for p, _ in self._partial
         ]
 
     @torch.no_grad()
     def _after(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
         for (p, keep), (old, moments) in zip(self._partial, self._saved):
-            p.copy_(torch.where(keep, p, old))
+            mine = local_tensor(p)
+            mine.copy_(torch.where(keep, mine, old))
             for k, v in _moments(optimizer, p):
                 before = moments.get(k)
                 v.copy_(torch.where(keep, v, before if before is not None else 0))
@@ -95,9 +106,10 @@ class FreezeUnselected:
 
 
 def _moments(optimizer: torch.optim.Optimizer, p: nn.Parameter):
-    """The state tensors of ``p`` shaped like ``p`` (moments, momentum buffers)."""
+    """The state tensors of ``p`` shaped like ``p`` (moments, momentum buffers), this
+    rank's shards of them under FSDP2."""
     return [
-        (k, v)
+        (k, local_tensor(v))
         for k, v in optimizer.state.get(p, {}).items()
         if isinstance(v, torch.Tensor) and v.shape == p.shape
     ]

@@ -8,12 +8,18 @@ then accumulates into the existing ``.grad`` in place (``grad += new``), i.e.
 straight into the flat buffer, with no copy and no concatenation. The buffers
 are exactly what the fused op reads (``mdgd_kernels.mdgd_direction_``).
 
+FSDP2 parameters (``DTensor`` with ``Shard(0)``) get buffers of this rank's
+*local* shards only: each view is wrapped as a ``DTensor`` with the parameter's
+mesh, placements, shape and stride, so that FSDP2's reduce-scatter accumulates
+(``+=``) the sharded gradient straight into the buffer.
+
 :func:`segment_layout` cuts the same flat space into the op's segments for a
 granularity (``"tensor"``, ``"global"``, ``"block:K"``); it is built once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,7 +48,8 @@ class FlatGrads:
         self.params = list(params)
         self.dtype = params[0].dtype
         self.device = params[0].device
-        self.sizes = [p.numel() for p in params]
+        self.local_shapes = [local_tensor(p).shape for p in params]
+        self.sizes = [math.prod(s) for s in self.local_shapes]
         self.numel = sum(self.sizes)
         self.buffers: dict[str, torch.Tensor] = {}
         self.views: dict[str, list[torch.Tensor]] = {}
@@ -50,7 +57,8 @@ class FlatGrads:
             buf = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
             self.buffers[kind] = buf
             self.views[kind] = [
-                v.view(p.shape) for v, p in zip(torch.split(buf, self.sizes), self.params)
+                _as_grad(v.view(shape), p)
+                for v, shape, p in zip(torch.split(buf, self.sizes), self.local_shapes, params)
             ]
 
     def point(self, kind: str) -> None:
@@ -65,6 +73,30 @@ class FlatGrads:
     def zero_(self) -> None:
         for buf in self.buffers.values():
             buf.zero_()
+
+    def local_views(self, kind: str) -> list[torch.Tensor]:
+        """The per-parameter views of buffer ``kind`` as plain tensors (local shards)."""
+        return [local_tensor(v) for v in self.views[kind]]
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP2 parameter or gradient); ``t`` otherwise."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _as_grad(view: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``view`` as a gradient of ``p``: a DTensor laid out like ``p`` when ``p`` is one."""
+    if not is_dtensor(p):
+        return view
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        view, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from .families import PROJECTOR_SUFFIXES, config_modules, trainable_modules
 MODES = ("mdgd", "gm", "ft")
 ALPHA_BY = ("elements", "segments")
 NONFINITE = ("raise", "skip")
-DISTRIBUTED = ("auto", "none", "dp", "sharded")
+DISTRIBUTED = ("auto", "none", "dp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,10 @@ class MDGDConfig:
         eps: relative threshold under which a projected norm is degenerate.
         distributed: multi-process mode (:mod:`mdgd.distributed`): ``"dp"`` (every
             rank all-reduces the four gradient buffers and runs the op),
-            ``"sharded"`` (reduce-scatter, op and optimizer on the owned range,
-            all-gather of the parameters), ``"none"`` (one process), or
-            ``"auto"``: ``"dp"`` when ``torch.distributed`` is initialised with
-            more than one rank, else ``"none"``.
+            ``"fsdp"`` (both models wrapped by FSDP2: sharded weights, gradients
+            and optimizer state), ``"none"`` (one process), or ``"auto"``:
+            ``"fsdp"`` for FSDP2 models, else ``"dp"`` when ``torch.distributed``
+            is initialised with more than one rank, else ``"none"``.
         dist_timeout_s: seconds a rank waits for a collective of the driver before
             it raises instead of hanging (gloo; under NCCL the process group's
             own timeout applies to the per-step collectives, see the doc).
@@ -88,6 +88,12 @@ class MDGDConfig:
             raise ValueError(f"alpha_by must be one of {ALPHA_BY}, got {self.alpha_by!r}")
         if self.nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite must be one of {NONFINITE}, got {self.nonfinite!r}")
+        if self.distributed == "sharded":
+            raise ValueError(
+                "distributed='sharded' was removed: shard with FSDP2 instead, e.g. "
+                "mdgd.shard_models(model, ref_model) and MDGDConfig(distributed='fsdp'); "
+                "see docs/distributed.md"
+            )
         if self.distributed not in DISTRIBUTED:
             raise ValueError(f"distributed must be one of {DISTRIBUTED}, got {self.distributed!r}")
         if not float(self.dist_timeout_s) > 0.0:

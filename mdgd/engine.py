@@ -27,10 +27,12 @@ Host synchronisation: one per step (all figures, and MDGD-GM's mask, come back
 in one transfer), plus one per micro-batch to check for image tokens only when
 ``input_ids`` already live on an accelerator.
 
-Several processes (``torchrun``): with ``MDGDConfig(distributed="dp")`` (what
-``"auto"`` picks under a multi-rank process group) the four buffers are
-all-reduced before the op; ``"sharded"`` reduce-scatters them and steps only
-this rank's range. See :mod:`mdgd.distributed` and ``docs/distributed.md``.
+Where the buffers live and how the ranks combine them is the job of one
+gradient-exchange object (:mod:`mdgd.distributed`): ``"none"`` (one process),
+``"dp"`` (what ``"auto"`` picks for unwrapped models under a multi-rank process
+group: the four full buffers are all-reduced before the op) or ``"fsdp"`` (what
+``"auto"`` picks for FSDP2 models: buffers of the local shards, filled by
+FSDP2's reduce-scatter). See ``docs/distributed.md``.
 
 ``mode="ft"`` costs what plain fine-tuning costs: one forward and one backward
 of theta into the ``g`` buffer, no reference model, no ``h`` buffers, no op;
@@ -50,10 +52,11 @@ import mdgd_kernels
 
 from .batches import MicroBatch, nonfinite_reason, step_figures
 from .budget import FreezeUnselected, updated_fraction
-from .buffers import FlatGrads, Segments, segment_layout
+from .buffers import local_tensor
 from .config import MDGDConfig, mark_trainable
-from .distributed import DistributedMDGD, check_micro_batches, reject_wrapped, resolve_mode
+from .distributed import canonical_name, check_micro_batches, make_exchange, resolve_mode
 from .families import check_same_config
+from .recompute import is_recomputing, recompute_layers
 from .visual import ImageTokenHidden, VisualHook, visual_l1
 
 FIGURES = (
@@ -100,12 +103,12 @@ class MDGDEngine:
         ref_model: phi, the frozen pre-trained model (same architecture, separate
             parameters). Never updated and never in the optimizer; only the
             parameters with theta's trainable names get gradients. Put in eval
-            mode. May be None for ``mode="ft"``.
+            mode; when ``model`` has transformers' activation checkpointing on,
+            phi's layers recompute too (:func:`mdgd.recompute.recompute_layers`).
+            May be None for ``mode="ft"``. Wrapped by FSDP2 exactly when
+            ``model`` is (:func:`mdgd.shard_models` wraps both).
         optimizer: steps theta's trainable parameters (None: use
             :meth:`compute_direction` and step yourself, as the HF Trainer does).
-            With ``config.distributed="sharded"``: a factory called with this
-            rank's 1-D pieces of the trainable parameters, e.g.
-            ``lambda params: torch.optim.AdamW(params, lr=1e-5)``.
         config: :class:`MDGDConfig`. When ``config.trainable`` is set it is applied
             to both models (``mark_trainable``); otherwise theta's parameters with
             ``requires_grad`` are trained and phi's flags are set to match.
@@ -116,7 +119,7 @@ class MDGDEngine:
             off, as GradScaler does, whatever ``config.nonfinite`` says.
         lr_scheduler: stepped once per :meth:`step` (and saved by checkpoints).
         process_group: the ``torch.distributed`` group of the data-parallel ranks
-            (default: the world); see :mod:`mdgd.distributed`.
+            in ``"dp"`` mode (default: the world; FSDP2 uses its mesh's group).
     """
 
     def __init__(
@@ -136,53 +139,56 @@ class MDGDEngine:
         self.ref_model = ref_model if cfg.mode != "ft" else None
         if cfg.mode != "ft" and ref_model is None:
             raise ValueError(f"mode={cfg.mode!r} needs ref_model (the frozen pre-trained model)")
-        self.dist_mode = resolve_mode(cfg.distributed)
-        self.optimizer = optimizer if self.dist_mode != "sharded" else None
+        self.dist_mode = resolve_mode(cfg.distributed, model, self.ref_model)
+        self.optimizer = optimizer
         self.visual = visual if visual is not None else ImageTokenHidden()
         self.scaler = scaler
         self.lr_scheduler = lr_scheduler
         self.step_count = 0
 
-        reject_wrapped(model, "model")
         if self.ref_model is not None:
-            reject_wrapped(self.ref_model, "ref_model")
             _check_same_architecture(model, self.ref_model)
         named = self._trainable(model)
         names = [n for n, _ in named]
-        kinds = ("g",) if cfg.mode == "ft" else ("g", "h")
-        self.theta = FlatGrads(names, [p for _, p in named], kinds)
-        self.phi: FlatGrads | None = None
+        phi_params = None
         if cfg.mode != "ft":
-            self.phi = FlatGrads(names, _matching_params(model, ref_model, named), kinds)
+            phi_params = _matching_params(model, ref_model, named)
             ref_model.eval()
-        if optimizer is not None and self.dist_mode != "sharded":
-            self._check_optimizer(optimizer)
-
-        self.device = self.theta.device
-        self.segments: Segments = segment_layout(
-            names, self.theta.sizes, cfg.block_size, cfg.granularity
+            if is_recomputing(model):  # phi in eval() would keep all its activations
+                recompute_layers(ref_model)
+        self.exchange = make_exchange(
+            self.dist_mode,
+            cfg,
+            names,
+            [p for _, p in named],
+            phi_params,
+            (model, self.ref_model),
+            process_group,
         )
-        self.layout = mdgd_kernels.get_layout(self.segments.sizes, self.device)
+        if scaler is not None and not self.exchange.supports_scaler:
+            raise ValueError(
+                f"a GradScaler is not supported in distributed={self.dist_mode!r} mode (its "
+                "overflow check would see only this rank's shard): train in bf16 instead"
+            )
+        self.theta, self.phi = self.exchange.theta, self.exchange.phi
+        self.device = self.theta.device
+        self.segments = self.exchange.segments
+        self.layout = self.exchange.layout
         # "global" has one segment owned by every parameter: its figures stay per segment
         self._global = cfg.granularity == "global"
-        # MDGD-GM drops whole parameters (grad = None) unless a parameter has several
-        # segments ("block:K"): then pass 2 need not write zeros into dropped segments
-        self.masked = "zero" if cfg.granularity.startswith("block") else "keep"
         self._owner = torch.tensor(
             self.segments.param_index if not self._global else [0],
             dtype=torch.int64,
             device=self.device,
         )
-
-        self.dist: DistributedMDGD | None = None
-        if self.dist_mode != "none":
-            self.dist = DistributedMDGD(self, self.dist_mode, optimizer, process_group)
-            self.optimizer = self.dist.optimizer
-        self._world = self.dist.world if self.dist is not None else 1
+        self._world = self.exchange.world
+        if optimizer is not None:
+            self._check_optimizer(optimizer)
         self.freeze = FreezeUnselected.for_engine(self)
-        self._param_sizes = torch.tensor(self.theta.sizes, device=self.device)
-        if self.freeze is not None and self.optimizer is not None:
-            self.freeze.attach(self.optimizer)
+        # whole parameters (a DTensor counts its global elements), for updated_fraction
+        self._param_sizes = torch.tensor([p.numel() for p in self.theta.params], device=self.device)
+        if self.freeze is not None and optimizer is not None:
+            self.freeze.attach(optimizer)
 
         self.last_result: mdgd_kernels.MDGDResult | None = None
         self.last_conflict_cos: torch.Tensor | None = None
@@ -264,7 +270,7 @@ class MDGDEngine:
         multi-process run the reduction of the ``g`` buffers then starts right
         after their backward and overlaps the ``h`` backward.
         """
-        if self.dist is not None and self.dist.launched:
+        if self.exchange.launched:
             raise RuntimeError(
                 "backward() after the last micro-batch (last=True): call compute_direction() "
                 "or step() first"
@@ -282,41 +288,35 @@ class MDGDEngine:
                 loss = self._backward_mdgd(batch, last)
         except BaseException:
             self._reset()  # the partial accumulation is discarded
-            if self.dist is not None:
-                self.dist.discard()
+            self.exchange.discard()
             raise
         self._counts += mb.counts(self.device)
         self._micro += 1
         return loss
 
-    def _arm(self, kind: str, last: bool) -> None:
-        """Before the last backward into ``kind``: its buckets may be sent as they fill."""
-        if last and self.dist is not None:
-            self.dist.arm(kind)
-
-    def _launch(self, kind: str, last: bool) -> None:
-        if last and self.dist is not None:
-            self.dist.launch(kind)
-
     def _backward_ft(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
         mb = self._mb
         loss = mb.task_loss(self.model(**batch), "model")
         self.theta.point("g")
-        self._arm("g", last)
+        self.exchange.before_backward("g", last)
         if mb.check_loss_path(loss, self.theta.names):
             self._scaled(loss).backward()
-        self._launch("g", last)
+        self.exchange.after_backward("g", last)
         loss = loss.detach()
         self._loss_sums[0] += loss
         return loss
 
     def _backward_mdgd(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
         mb = self._mb
-        kw = self.visual.forward_kwargs if not mb.text_only else {}
+        # a text-only micro-batch has L_v = 0 and needs no h backward, except where every
+        # rank must run the same backward calls (FSDP2): there L_v is a sum over zero image
+        # positions, exactly 0 with exactly zero gradients, and its backward runs
+        skip_h = mb.text_only and not self.exchange.uniform_backward
+        kw = self.visual.forward_kwargs if not skip_h else {}
         out_t = self.model(**batch, **kw)
         out_p = self.ref_model(**batch, **kw)
         loss_t, loss_p = mb.task_loss(out_t, "model"), mb.task_loss(out_p, "ref_model")
-        if mb.text_only:  # L_v = 0: no graph, so no h backward below
+        if skip_h:  # L_v = 0: no graph, so no h backward below
             loss_v = torch.zeros((), device=loss_t.device)
         else:
             z_t, mask = self.visual(self.model, batch, out_t)
@@ -326,16 +326,16 @@ class MDGDEngine:
 
         self.theta.point("g")
         self.phi.point("g")
-        self._arm("g", last)
+        self.exchange.before_backward("g", last)
         if mb.check_loss_path(loss_t + loss_p, self.theta.names):
             self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
-        self._launch("g", last)  # overlaps the h backward, which does not touch g
+        self.exchange.after_backward("g", last)  # dp: overlaps the h backward
         if loss_v.requires_grad:  # False when text-only or no trainable parameter feeds pi(X^v)
             self.theta.point("h")
             self.phi.point("h")
-            self._arm("h", last)
+            self.exchange.before_backward("h", last)
             self._scaled(loss_v).backward()
-        self._launch("h", last)
+        self.exchange.after_backward("h", last)
         losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
         self._loss_sums += losses.float()
         return losses[0]
@@ -359,27 +359,24 @@ class MDGDEngine:
         cfg = self.config
         n = self._micro
         try:
-            total = None
-            if self.dist is not None:  # the four buffers and the loss sums, over all ranks
-                total = self.dist.finish(torch.cat([self._loss_sums, self._counts]), n)
-                self._loss_sums, self._counts = total[:3], total[3:5]
+            # the direction, and the loss sums, counts and micro-batches over all ranks
+            sums = torch.cat([self._loss_sums, self._counts])
+            res, total = self.exchange.direction(sums, n)
+            self._loss_sums, self._counts = total[:3], total[3:5]
             # every rank runs n micro-batches (checked below, after the step's one sync)
             n_all = n * self._world
             if cfg.mode == "ft":
                 figures, selected = self._figures_ft(n_all)
             else:
-                figures, selected = self._direction_mdgd(n_all)
+                figures, selected = self._figures_mdgd(res, n_all)
             frozen = self.freeze is not None
             updated = updated_fraction(cfg.mode, figures[5], selected, self._param_sizes, frozen)
             figures = step_figures(figures, self._loss_sums, self._counts, n_all, cfg.mode, updated)
-            parts = [figures, selected.to(figures.dtype)]
-            if total is not None:
-                parts.append(total[5:].to(figures.dtype))
+            parts = [figures, selected.to(figures.dtype), total[5:].to(figures.dtype)]
             values = torch.cat(parts).tolist()  # the one sync
         finally:
             self._reset()
-        if total is not None:
-            check_micro_batches(values.pop(), n, self._world)
+        check_micro_batches(values.pop(), n, self._world)
         out = dict(zip(FIGURES, values[: len(FIGURES)]))
         skipped = out["skipped"] != 0.0
         if skipped and self.scaler is None and cfg.nonfinite == "raise":
@@ -391,15 +388,7 @@ class MDGDEngine:
         self.step_count += 1
         return out
 
-    def _direction_buffer(self) -> torch.Tensor:
-        """g_theta where the direction is written: the owned range in sharded mode."""
-        if self.dist_mode == "sharded":
-            return self.dist.shard_buffers()[0]
-        return self.theta.buffers["g"]
-
     def _figures_ft(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if n > 1:
-            self._direction_buffer().mul_(1.0 / n)
         loss = self._loss_sums[0] / n
         nan = torch.full((), math.nan, device=self.device)
         one = torch.ones((), device=self.device)
@@ -408,28 +397,10 @@ class MDGDEngine:
         self.last_result = self.last_conflict_cos = None
         return figs.double(), torch.empty(0, device=self.device)
 
-    def _direction_mdgd(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _figures_mdgd(
+        self, res: mdgd_kernels.MDGDResult, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
-        if self.dist_mode == "sharded":
-            res = self.dist.sharded_direction(scale=1.0 / n, masked=self.masked)
-        else:
-            res = mdgd_kernels.mdgd_direction_(
-                self.theta.buffers["g"],
-                self.theta.buffers["h"],
-                self.phi.buffers["g"],
-                self.phi.buffers["h"],
-                self.layout,
-                mode=cfg.mode,
-                alpha=cfg.alpha,
-                align=cfg.align,
-                alpha_by=cfg.alpha_by,
-                nonfinite="skip",  # "raise" is applied after the step's one sync
-                eps=cfg.eps,
-                backend=cfg.backend,
-                names=self.segments.names,
-                masked=self.masked,
-                scale=1.0 / n,  # the mean over micro-batches (and ranks), inside pass 2
-            )
         self.last_result = res
 
         # modality gradient conflict per parameter: Gram entries add over a parameter's blocks
@@ -488,16 +459,12 @@ class MDGDEngine:
     def _assign_direction(self, skipped: bool, selected: list[float]) -> None:
         if self.phi is not None:
             self.phi.detach_grads()
-        if self.dist_mode == "sharded":  # the optimizer holds this rank's pieces
-            self.theta.detach_grads()
-            self.dist.assign(skipped, selected)
-            return
         if skipped and self.scaler is None:
             self.theta.detach_grads()
             return
         self.theta.point("g")
         if skipped:  # let the GradScaler see the overflow, skip the step and back off
-            self.theta.views["g"][0].view(-1)[:1].fill_(math.inf)
+            self.theta.buffers["g"][:1].fill_(math.inf)
             return
         for p, keep in zip(self.theta.params, selected):
             if not keep:
@@ -522,8 +489,6 @@ class MDGDEngine:
             self.scaler.update()
         elif not figures["skipped"]:
             self.optimizer.step()
-            if self.dist_mode == "sharded":
-                self.dist.gather_params()
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
         return figures
@@ -542,33 +507,16 @@ class MDGDEngine:
         """Save trainable parameters, optimizer, scheduler, scaler, RNG, step (mdgd.checkpoint)."""
         from .checkpoint import save_checkpoint
 
-        self._no_sharded_checkpoint()
         save_checkpoint(self, path)
 
     def load_checkpoint(self, path) -> None:
         from .checkpoint import load_checkpoint
 
-        self._no_sharded_checkpoint()
         load_checkpoint(self, path)
 
-    def _no_sharded_checkpoint(self) -> None:
-        if self.dist_mode == "sharded":
-            raise NotImplementedError(
-                "checkpoints of distributed='sharded' runs are not supported yet (the optimizer "
-                "state is split over the ranks); use distributed='dp' to checkpoint"
-            )
-
-    def gather_parameters(self) -> None:
-        """Sharded mode, stepping yourself: all-gather the ranges after ``optimizer.step()``."""
-        if self.dist_mode == "sharded":
-            self.dist.gather_params()
-
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip the direction's global norm (over all ranks in sharded mode); returns it."""
-        if self.dist is not None:
-            return self.dist.clip_grad_norm_(max_norm)
-        params = [p for p in self.theta.params if p.grad is not None]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        """Clip the direction's global norm (over all ranks under FSDP2); returns it."""
+        return self.exchange.clip_grad_norm_(max_norm)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -584,8 +532,8 @@ def _check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:
             f"ref_model is a {type(ref_model).__name__} but model is a {type(model).__name__}: "
             + hint
         )
-    mine = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    theirs = {n: tuple(p.shape) for n, p in ref_model.named_parameters()}
+    mine = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    theirs = {canonical_name(n): tuple(p.shape) for n, p in ref_model.named_parameters()}
     if mine != theirs:
         only = sorted(set(mine) ^ set(theirs))
         if only:
@@ -602,11 +550,11 @@ def _matching_params(
     model: nn.Module, ref_model: nn.Module, named: list[tuple[str, nn.Parameter]]
 ) -> list[nn.Parameter]:
     """phi's parameters with theta's trainable names; phi's other parameters are frozen."""
-    ref = dict(ref_model.named_parameters())
+    ref = {canonical_name(n): q for n, q in ref_model.named_parameters()}
     theta_ids = {id(p) for p in model.parameters()}
     out = []
     for name, p in named:
-        q = ref.get(name)
+        q = ref.get(canonical_name(name))
         if q is None:
             raise ValueError(f"ref_model has no parameter {name!r}: the architectures differ")
         if q.shape != p.shape or q.dtype != p.dtype:
@@ -614,13 +562,15 @@ def _matching_params(
                 f"{name}: ref_model has {tuple(q.shape)} {q.dtype}, model has "
                 f"{tuple(p.shape)} {p.dtype}; the two models must match"
             )
-        if id(q) in theta_ids or q.data_ptr() == p.data_ptr():
+        q_local, p_local = local_tensor(q), local_tensor(p)
+        shared = q_local.numel() > 0 and q_local.data_ptr() == p_local.data_ptr()
+        if id(q) in theta_ids or shared:
             raise ValueError(
                 f"ref_model shares parameter {name!r} with model; pass a separate frozen copy "
                 "(e.g. copy.deepcopy(model) before training)"
             )
         out.append(q)
-    trainable = {name for name, _ in named}
+    trainable = {canonical_name(name) for name, _ in named}
     for name, q in ref.items():
         q.requires_grad_(name in trainable)
     return out

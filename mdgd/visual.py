@@ -82,11 +82,12 @@ def visual_l1(z_ref: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None) -
     """``mean |z_ref - z|`` over the masked positions and all hidden units, in float32.
 
     Masking by multiplication keeps it free of host synchronisation (boolean
-    indexing would need the count on the host).
+    indexing would need the count on the host). With no masked position (a
+    text-only batch) it is exactly 0, and so is its gradient.
     """
     diff = (z_ref.float() - z.float()).abs()
     if mask is None:
         return diff.mean()
     m = mask.unsqueeze(-1)
     count = m.sum() * diff.shape[-1]
-    return torch.where(m, diff, 0.0).sum() / count
+    return torch.where(m, diff, 0.0).sum() / count.clamp_min(1)

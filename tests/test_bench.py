@@ -50,13 +50,25 @@ def test_step_bench_runs_every_row_on_a_tiny_llava(tmp_path):
     tiny = "--steps 1 --rounds 1 --warmup 1 --batch-size 2 --text-len 8 --image-size 16"
     tiny += " --vision-hidden 32 --text-hidden 32 --text-layers 2 --trainable-layers 1"
     tiny += " --vocab-size 64 --heads 2 --threads 1"
+    tiny += " --modes ft,mdgd,mdgd-per-tensor,mdgd-recompute,mdgd-dp,mdgd-fsdp"
     run = subprocess.run(
         [sys.executable, str(script), *tiny.split(), "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute"]
+    assert [r["mode"] for r in rows] == [
+        "ft",
+        "mdgd",
+        "mdgd-per-tensor",
+        "mdgd-recompute",
+        "mdgd-dp",
+        "mdgd-fsdp",
+    ]
     assert all(r["samples_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in rows)
+    dp, fsdp = rows[-2:]
+    # 2 ranks: FSDP2 holds about half of dp's gradient and optimizer bytes per rank
+    for key in ("grads_mb", "optim_mb"):
+        assert 0.4 < fsdp[key] / dp[key] < 0.6, (key, fsdp[key], dp[key])

@@ -2,8 +2,10 @@
 
 Each launch runs ``tests/dist_worker.py`` twice (RANK 0 and 1, torchrun's
 variables) and batches many cases into one launch; the parent compares the
-files the ranks write. The single-process reference is the engine with one
-micro-batch per rank (gradient accumulation of ``world`` micro-batches).
+files the ranks write. The single-process reference is the engine with the
+ranks' micro-batches as its own (gradient accumulation of ``world x micro``
+micro-batches); in the FSDP2 launch the ranks compute those references too,
+half each, after their sharded runs.
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ import pytest
 import torch
 from dist_worker import (
     CASES,
+    FSDP_CASES,
+    PLUGIN_CASE,
     STEPS,
     batch_for,
     case_id,
+    fsdp_case_id,
+    full_flat,
     models,
     optimizer_for,
     patterns,
+    run_fsdp_reference,
 )
 from llava_tiny import one_thread  # noqa: F401  (fixture)
 
-from mdgd import FIGURES, MDGDConfig, MDGDEngine, mark_trainable
-from mdgd.buffers import segment_layout
-from mdgd.distributed import pieces, shard_range
+from mdgd import FIGURES, MDGDConfig, MDGDEngine, mark_trainable, shard_models
+from mdgd.distributed.fsdp import local_pieces
 
 WORLD = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -105,36 +111,6 @@ def step_results(tmp_path_factory):
     return [torch.load(out / f"steps-{r}.pt") for r in range(WORLD)]
 
 
-def test_shard_boundary_straddles_a_segment_and_needs_padding():
-    theta, ref = models()
-    named = mark_trainable(theta, patterns(theta))
-    sizes = [p.numel() for _, p in named]
-    n = sum(sizes)
-    lo, hi, padded = shard_range(n, WORLD, 0)
-    assert n % WORLD == 1 and padded == n + 1, "the test model should need padding"
-    offsets = torch.tensor([0] + sizes).cumsum(0).tolist()
-    assert hi not in offsets, "the shard boundary should fall inside a parameter"
-    for gran in ("tensor", "block:700"):
-        segs = segment_layout([nm for nm, _ in named], sizes, 700, gran).sizes
-        first = pieces(segs, *shard_range(n, WORLD, 0)[:2])
-        second = pieces(segs, *shard_range(n, WORLD, 1)[:2])
-        assert first[0][-1] == second[0][0], f"{gran}: no segment straddles the boundary"
-        assert sum(first[2]) + sum(second[2]) == n
-
-
-def test_pieces_cover_the_range_in_order():
-    sizes = [5, 1, 7, 3]
-    for world in (1, 2, 3, 5, 17):
-        covered = []
-        for r in range(world):
-            lo, hi, padded = shard_range(sum(sizes), world, r)
-            assert padded % world == 0 and padded >= sum(sizes)
-            seg, start, length = pieces(sizes, lo, hi)
-            covered += [(s, lo + a, m) for s, a, m in zip(seg, start, length)]
-        flat = [s for s, _, m in covered for _ in range(m)]
-        assert flat == [s for s, n in enumerate(sizes) for _ in range(n)]
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_two_ranks_equal_one_process_on_the_union(step_results, case):
     key = case_id(case)
@@ -148,6 +124,11 @@ def test_two_ranks_equal_one_process_on_the_union(step_results, case):
     start = torch.cat([initial[n].detach().reshape(-1).double() for n in engine.param_names])
     assert not torch.equal(want, start), "the reference did not move"
     torch.testing.assert_close(p0, want, rtol=1e-5, atol=2e-6, msg=key)
+    assert_figures(key, f0, f1, want_figs)
+
+
+def assert_figures(key, f0, f1, want_figs) -> None:
+    """The ranks' figures are identical, and close to the one-process reference's."""
     for step, (got, exp) in enumerate(zip(f0, want_figs)):
         torch.testing.assert_close(
             torch.tensor([got[k] for k in FIGURES]),
@@ -168,22 +149,6 @@ def test_two_ranks_equal_one_process_on_the_union(step_results, case):
             )
 
 
-def test_sharded_equals_data_parallel(step_results):
-    res = step_results[0]
-    pairs = 0
-    for case in CASES:
-        mode, dmode, extra, optim = case
-        if dmode != "sharded":
-            continue
-        twin = (mode, "dp", extra, optim)
-        if twin in CASES:
-            torch.testing.assert_close(
-                res[case_id(case)][0], res[case_id(twin)][0], rtol=1e-5, atol=1e-6
-            )
-            pairs += 1
-    assert pairs >= 5
-
-
 def test_disagreeing_ranks_fail_fast_on_every_rank(tmp_path):
     launch("bad", tmp_path, timeout=90)
     msgs = [json.loads((tmp_path / f"bad-{r}.json").read_text()) for r in range(WORLD)]
@@ -199,10 +164,13 @@ def test_disagreeing_ranks_fail_fast_on_every_rank(tmp_path):
         for key, text in expect.items():
             assert text in m[key], f"rank {rank}, {key}: {m[key]}"
     assert "rank 1" in msgs[0]["trainable"] and "elements" in msgs[0]["trainable"]
+    # rank 1 ran no h backward while rank 0's hooks sent h buckets: no hang, same result
+    assert msgs[0]["no_h_backward"] == msgs[1]["no_h_backward"]
 
 
-def test_missing_rank_times_out_instead_of_hanging(tmp_path):
-    launch("timeout", tmp_path, timeout=60)
+@pytest.mark.parametrize("scenario", ["timeout", "timeout_fsdp"])
+def test_missing_rank_times_out_instead_of_hanging(tmp_path, scenario):
+    launch(scenario, tmp_path, timeout=60)
     got = json.loads((tmp_path / "timeout-0.json").read_text())
     assert "did not check in" in got["message"], got["message"]
     assert got["seconds"] < 10
@@ -224,6 +192,131 @@ def test_trainer_under_two_processes(tmp_path):
                 assert f"mdgd/{key}" in h, key
             assert h["mdgd/skipped"] == 0.0
             assert 0.0 < h["mdgd/loss_v"] < 10.0
+
+
+# ---------------------------------------------------------------------- FSDP2
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    launch("fsdp", out, timeout=400)
+    return [torch.load(out / f"fsdp-{r}.pt") for r in range(WORLD)]
+
+
+def start_params(names) -> torch.Tensor:
+    initial = dict(models()[0].named_parameters())
+    return torch.cat([initial[n].detach().reshape(-1).double() for n in names])
+
+
+@pytest.mark.parametrize("case", FSDP_CASES, ids=[fsdp_case_id(c) for c in FSDP_CASES])
+def test_fsdp_equals_one_process_on_the_union(fsdp_results, case):
+    """3 steps under FSDP2 on 2 ranks = one process on both ranks' micro-batches."""
+    key = fsdp_case_id(case)
+    (p0, f0, same0), (p1, f1, same1) = (r["cases"][key] for r in fsdp_results)
+    want, want_figs = next(r["refs"][key] for r in fsdp_results if key in r["refs"])
+    assert same0 and same1, f"{key}: ref_model changed"
+    assert torch.equal(p0, p1), f"{key}: the ranks' gathered parameters differ"
+    theta = models()[0]
+    named = mark_trainable(theta, patterns(theta))
+    start = start_params([n for n, _ in named])
+    assert not torch.equal(want, start), "the reference did not move"
+    offsets = torch.tensor([0] + [p.numel() for _, p in named]).cumsum(0).tolist()
+    for (name, _), lo, hi in zip(named, offsets, offsets[1:]):
+        got, exp = p0[lo:hi], want[lo:hi]
+        # parameters (atol relative to the tensor's max), and the updates, more sharply
+        atol = 1e-5 * exp.abs().max().item()
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=atol, msg=f"{key}: {name}")
+        upd_got, upd_exp = got - start[lo:hi], exp - start[lo:hi]
+        atol = 1e-4 * upd_exp.abs().max().item()
+        torch.testing.assert_close(upd_got, upd_exp, rtol=1e-4, atol=atol, msg=f"{key}: {name}")
+    assert_figures(key, f0, f1, want_figs)
+
+
+def test_fsdp_keeps_no_full_size_gradient(fsdp_results):
+    """Per rank: 4 buffers of the local shards, and every .grad is a view into them."""
+    locals_ = []
+    for rank, res in enumerate(fsdp_results):
+        st = res["storage"]
+        assert st["buffer_bytes"] == 4 * st["local_trainable"] * st["itemsize"], (rank, st)
+        assert st["h_inside"] and st["g_inside"], (rank, st)
+        assert st["other_grads"] == 0, (rank, st)
+        locals_.append(st["local_trainable"])
+    total = fsdp_results[0]["storage"]["global_trainable"]
+    assert sum(locals_) == total and max(locals_) <= total // WORLD + 64, locals_
+
+
+@pytest.fixture(scope="module")
+def fsdp_bad_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_bad")
+    launch("fsdp_bad", out, timeout=180)
+    return out
+
+
+def test_fsdp_models_wrapped_differently_fail_on_every_rank(fsdp_bad_dir):
+    tmp_path = fsdp_bad_dir
+    expect = {
+        "units": "sharded differently",
+        "one_wrapped": "is wrapped by FSDP2 (fully_shard) but ref_model is not",
+        "dp_on_fsdp": "use distributed='fsdp'",
+        "fsdp_unwrapped": "shard_models",
+    }
+    for rank in range(WORLD):
+        msgs = json.loads((tmp_path / f"fsdp_bad-{rank}.json").read_text())
+        for key, text in expect.items():
+            assert text in msgs[key], f"rank {rank}, {key}: {msgs[key]}"
+        assert msgs["good_mode"] == "fsdp"
+
+
+def test_fsdp_phi_wrapped_like_an_accelerate_plugin_theta(fsdp_bad_dir):
+    """theta wrapped by accelerate's own FSDP2 preparation, phi by shard_like: equal to
+    one process (the Trainer's accelerate-plugin path, as far as a CPU allows)."""
+    (p0, f0, mode, units), (p1, f1, _, _) = (
+        torch.load(fsdp_bad_dir / f"plugin-{r}.pt") for r in range(WORLD)
+    )
+    assert mode == "fsdp" and "lm_head" in units and len(units) > 4, units
+    assert torch.equal(p0, p1)
+    want, want_figs = run_fsdp_reference(PLUGIN_CASE, WORLD)
+    torch.testing.assert_close(p0, want, rtol=1e-5, atol=1e-6)
+    assert_figures("plugin", f0, f1, want_figs)
+
+
+def test_fsdp_checkpoint_resumes_bit_for_bit(tmp_path):
+    launch("fsdp_ckpt", tmp_path, timeout=180)
+    for rank in range(WORLD):
+        res = torch.load(tmp_path / f"fsdp_ckpt-{rank}.pt")
+        assert res["step_after_load"] == 2
+        assert repr(res["figures_resumed"]) == repr(res["figures_full"])  # bit-exact floats
+        assert torch.equal(res["params_resumed"], res["params_full"]), f"rank {rank} diverged"
+        assert res["same_optimizer_state"], f"rank {rank}: optimizer state differs"
+        assert {"dcp", "state.pt", f"rng-{rank}.pt"} <= set(res["files"]), res["files"]
+
+
+def test_trainer_on_fsdp2_equals_dp_and_resumes(tmp_path):
+    launch("trainer_fsdp", tmp_path, timeout=300)
+    res = [torch.load(tmp_path / f"trainer_fsdp-{r}.pt") for r in range(WORLD)]
+    for key in ("dp", "fsdp", "resumed"):
+        assert repr(res[0][key]["logs"]) == repr(res[1][key]["logs"]), f"{key}: ranks' logs differ"
+        assert torch.equal(res[0][key]["params"], res[1][key]["params"]), key
+    r = res[0]
+    assert (r["dp"]["mode"], r["fsdp"]["mode"]) == ("dp", "fsdp")
+    dp_logs, fsdp_logs = r["dp"]["logs"], r["fsdp"]["logs"]
+    assert len(fsdp_logs) == 3
+    for got, want in zip(fsdp_logs, dp_logs):
+        for key in ["loss", "grad_norm"] + [f"mdgd/{k}" for k in FIGURES]:
+            torch.testing.assert_close(
+                torch.tensor(got[key]),
+                torch.tensor(want[key]),
+                rtol=1e-5,
+                atol=1e-6,
+                equal_nan=True,
+                msg=key,
+            )
+    torch.testing.assert_close(r["fsdp"]["params"], r["dp"]["params"], rtol=1e-5, atol=1e-6)
+    assert {"mdgd_fsdp", "scheduler.pt", "mdgd_trainable.safetensors"} <= set(r["files"])
+    # resumed at step 2: the third step's log and the final parameters match
+    assert torch.equal(r["resumed"]["params"], r["fsdp"]["params"]), "the resumed run differs"
+    assert repr(r["resumed"]["logs"][-1]) == repr(fsdp_logs[-1])
 
 
 # ---------------------------------------------------------------------- in one process
@@ -289,37 +382,65 @@ def one_rank_group():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("dmode", ["auto", "dp", "sharded"])
-def test_one_rank_group_equals_no_group(one_rank_group, dmode):
-    """With one rank every mode is the single-process engine ("auto" resolves to none)."""
+def one_rank_run(dmode: str) -> torch.Tensor:
+    """2 steps of 2 micro-batches (MDGD-GM, AdamW); the final trainable parameters."""
     theta, ref = models()
     pats = patterns(theta)
     mark_trainable(theta, pats)
-    factory = optimizer_for("adamw")
-    params = [p for p in theta.parameters() if p.requires_grad]
-    opt = factory if dmode == "sharded" else factory(params)
-    engine = MDGDEngine(
-        theta, ref, opt, MDGDConfig(mode="gm", alpha=0.3, trainable=pats, distributed=dmode)
-    )
-    assert engine.dist_mode == ("none" if dmode == "auto" else dmode)
+    if dmode == "fsdp":
+        shard_models(theta, ref)
+    opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
+    cfg = MDGDConfig(mode="gm", alpha=0.3, trainable=pats, distributed=dmode)
+    engine = MDGDEngine(theta, ref, opt, cfg)
+    assert engine.dist_mode == {"auto": "none"}.get(dmode, dmode)
     for step in range(2):
         engine.backward(batch_for(theta.config, 0, step))
         engine.step(batch_for(theta.config, 1, step))
-    got = torch.cat([p.detach().reshape(-1).double() for p in engine.theta.params])
-    t2, r2 = models()
-    mark_trainable(t2, pats)
-    opt2 = factory([p for p in t2.parameters() if p.requires_grad])
-    ref_engine = MDGDEngine(
-        t2, r2, opt2, MDGDConfig(mode="gm", alpha=0.3, trainable=pats, distributed="none")
-    )
-    for step in range(2):
-        ref_engine.backward(batch_for(t2.config, 0, step))
-        ref_engine.step(batch_for(t2.config, 1, step))
-    want = torch.cat([p.detach().reshape(-1).double() for p in ref_engine.theta.params])
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    if dmode == "sharded":
-        with pytest.raises(NotImplementedError, match="sharded"):
-            engine.save_checkpoint("unused")
+    return full_flat(theta, engine.param_names)
+
+
+@pytest.mark.parametrize("dmode", ["auto", "dp", "fsdp"])
+def test_one_rank_group_equals_no_group(one_rank_group, dmode):
+    """With one rank every mode is the single-process engine ("auto" resolves to none)."""
+    got = one_rank_run(dmode)
+    torch.testing.assert_close(got, one_rank_run("none"), rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp_refuses_a_grad_scaler(one_rank_group):
+    theta, ref = models()
+    mark_trainable(theta, patterns(theta))
+    shard_models(theta, ref)
+    with pytest.raises(ValueError, match="GradScaler.*bf16"):
+        MDGDEngine(theta, ref, None, MDGDConfig(), scaler=torch.amp.GradScaler("cpu"))
+
+
+def test_sharded_mode_is_retired_in_favour_of_fsdp2():
+    with pytest.raises(ValueError, match="removed.*FSDP2.*shard_models"):
+        MDGDConfig(distributed="sharded")
+
+
+def test_local_pieces_cover_every_shard_in_order():
+    """Segments (blocks of 5) cut against Shard(0) pieces of three parameters."""
+    numels = [12, 1, 9]  # rows x cols: 4x3, 1x1, 3x3
+    cols = [3, 1, 3]
+    sizes = [5, 5, 2, 1, 5, 4]  # "block:5" of each parameter
+    for world in (1, 2, 3):
+        covered = []
+        for rank in range(world):
+            ranges = []
+            for n, c in zip(numels, cols):
+                rows = n // c
+                per = -(-rows // world)
+                r0 = min(rank * per, rows)
+                ranges.append((r0 * c, min(r0 + per, rows) * c))
+            seg, start, length = local_pieces(sizes, numels, ranges)
+            assert start == [sum(length[:i]) for i in range(len(length))]
+            assert sum(length) == sum(b - a for a, b in ranges)
+            assert all(m > 0 for m in length)
+            flat_pos = [p + x for p, (a, b) in zip([0, 12, 13], ranges) for x in range(a, b)]
+            covered += list(zip(flat_pos, [s for s, m in zip(seg, length) for _ in range(m)]))
+        owner = [s for s, n in enumerate(sizes) for _ in range(n)]
+        assert sorted(covered) == list(enumerate(owner)), world
 
 
 def test_a_gradient_accumulated_twice_in_one_backward_is_refused(one_rank_group):
@@ -333,7 +454,7 @@ def test_a_gradient_accumulated_twice_in_one_backward_is_refused(one_rank_group)
     last = len(engine.theta.params) - 1
     # a second report of theta's last parameter, as reentrant checkpointing could give
     engine.theta.params[last].register_post_accumulate_grad_hook(
-        lambda p: engine.dist._ready(0, last)
+        lambda p: engine.exchange._ready(0, last)
     )
     with pytest.raises(RuntimeError, match="received its gradient twice"):
         engine.step(batch_for(theta.config, 0, 0))

@@ -43,9 +43,18 @@ and checkpointing see the direction as if it were the gradient.
 * Several processes (``torchrun`` / ``accelerate launch``): the engine runs in
   ``"dp"`` mode (``MDGDConfig.distributed="auto"``) and owns the collectives; the
   model is not wrapped in DDP (accelerate's ``prepare_model`` is asked not to),
-  every rank steps the same averaged direction. ``"sharded"`` is not supported
-  inside the Trainer (its optimizer steps the full parameters); see
-  ``docs/distributed.md``.
+  every rank steps the same averaged direction.
+* FSDP2, own entry point: ``MDGDConfig(distributed="fsdp")`` shards both models
+  with :func:`mdgd.shard_models` when the Trainer is built (accelerate does not
+  wrap them); the Trainer's optimizer, clipping and scheduler act on theta's
+  ``DTensor`` parameters. Checkpoints: ``save_model`` gathers the full state
+  dict (every rank takes part, rank 0 writes it); the trainable parameters and
+  the optimizer state go through ``torch.distributed.checkpoint`` into
+  ``mdgd_fsdp/`` of the checkpoint, which resuming reads.
+* FSDP2 through accelerate's plugin (``fsdp_version: 2``): accelerate wraps theta
+  in ``prepare``; the engine is then built at the first training step and phi is
+  wrapped the way theta was (:func:`mdgd.distributed.shard.shard_like`).
+  DeepSpeed is refused. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -60,12 +69,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
+from ..checkpoint import load_sharded, save_sharded
 from ..config import MDGDConfig, mark_trainable
+from ..distributed import is_fsdp, shard_like, shard_models
 from ..engine import FIGURES, MDGDEngine
 from ..visual import VisualHook
 
 CONFIG_NAME = "mdgd_config.json"
 TRAINABLE_NAME = "mdgd_trainable.safetensors"
+SHARDED_DIR = "mdgd_fsdp"
+SCHEDULER_NAME = "scheduler.pt"
 
 
 class MDGDTrainer(Trainer):
@@ -95,36 +108,60 @@ class MDGDTrainer(Trainer):
             raise ValueError("MDGDTrainer needs model")
         if self.mdgd_config.trainable is not None:
             mark_trainable(model, self.mdgd_config.trainable)  # before the optimizer is built
-        if self.mdgd_config.distributed == "sharded":
-            raise NotImplementedError(
-                "MDGDTrainer supports distributed='dp' (or 'auto'), not 'sharded': the "
-                "Trainer's optimizer steps the full parameters. Use MDGDEngine for sharded runs"
-            )
+        if self.mdgd_config.mode == "ft":
+            ref_model = None
+        if self.mdgd_config.distributed == "fsdp" and not is_fsdp(model):
+            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+            device = training_args.device  # sets up the process group, as the Trainer would
+            shard_models(model.to(device), ref_model.to(device) if ref_model else None)
         super().__init__(*args, **kwargs)
         if self.mdgd_config.max_grad_norm is not None:  # the Trainer clips the direction
             self.args.max_grad_norm = self.mdgd_config.max_grad_norm
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_deepspeed_enabled:
             raise NotImplementedError(
-                "MDGDTrainer does not support DeepSpeed or FSDP yet: they keep the gradients in "
-                "their own (sharded) buffers, which MDGD's two backward calls and flat buffers "
-                "bypass. Launch with torchrun/accelerate without them: the engine runs in "
-                "data-parallel mode (docs/distributed.md)"
+                "MDGDTrainer does not support DeepSpeed: ZeRO keeps the gradients in its own "
+                "partitioned buffers, which MDGD's two backward calls bypass. Shard with FSDP2 "
+                "instead: MDGDConfig(distributed='fsdp'), or accelerate's FSDP plugin with "
+                "fsdp_version: 2 (docs/distributed.md)"
             )
-        if ref_model is not None and self.mdgd_config.mode != "ft":
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
+            raise NotImplementedError(
+                "MDGDTrainer supports accelerate's FSDP plugin with fsdp_version: 2 only (FSDP1 "
+                "keeps the gradients in flat buffers of its own)"
+            )
+        if ref_model is not None:
             ref_model.to(self.args.device)
-        scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
-        self.engine = MDGDEngine(
-            self.model, ref_model, None, self.mdgd_config, visual=visual, scaler=scaler
-        )
-        if self.engine.dist is not None:
-            self._keep_model_unwrapped()
+        self._ref_model, self._visual = ref_model, visual
+        self.engine: MDGDEngine | None = None
+        if not self.is_fsdp_enabled:  # accelerate's FSDP2 wraps theta in prepare(): wait
+            self.engine = self._build_engine()
+            if self.engine.dist_mode != "none":
+                self._keep_model_unwrapped()
         self._mdgd_logs: list[dict[str, float]] = []
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
-        if self.engine.freeze is not None:  # MDGD-GM "block:K": keep unselected blocks
-            self.engine.freeze.attach(optimizer)
+        if self.engine is not None:  # else _build_engine attaches it
+            self._attach_freeze(optimizer)
         return optimizer
+
+    def _attach_freeze(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.engine.freeze is not None and optimizer is not None:
+            self.engine.freeze.attach(_inner(optimizer))  # MDGD-GM "block:K": keep unselected
+
+    def _build_engine(self) -> MDGDEngine:
+        ref_model = self._ref_model
+        if ref_model is not None and is_fsdp(self.model) and not is_fsdp(ref_model):
+            shard_like(ref_model, self.model)  # accelerate's plugin wrapped theta only
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
+        return MDGDEngine(
+            self.model, ref_model, None, self.mdgd_config, visual=self._visual, scaler=scaler
+        )
+
+    @property
+    def _sharded(self) -> bool:
+        return is_fsdp(self.model)
 
     def training_step(
         self,
@@ -136,6 +173,9 @@ class MDGDTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        if self.engine is None:
+            self.engine = self._build_engine()
+            self._attach_freeze(self.optimizer)
         last = self.accelerator.sync_gradients
         with self.compute_loss_context_manager(), self.accelerator.autocast():
             loss = self.engine.backward(inputs, last=last)
@@ -178,6 +218,8 @@ class MDGDTrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
+        if self._sharded:  # sharded parameters: loaded with the optimizer (mdgd_fsdp/)
+            return None
         path = os.path.join(resume_from_checkpoint, TRAINABLE_NAME)
         if not os.path.isfile(path):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -200,8 +242,43 @@ class MDGDTrainer(Trainer):
         if self.args.should_save:
             with open(os.path.join(output_dir, CONFIG_NAME), "w") as f:
                 json.dump(self.mdgd_config.to_dict(), f, indent=2)
-            trainable = {
-                n: p.detach().cpu().contiguous()
-                for n, p in zip(self.engine.param_names, self.engine.theta.params)
-            }
+            params = dict(self.model.named_parameters()) if state_dict is None else state_dict
+            trainable = {n: params[n].detach().cpu().contiguous() for n in self._trainable_names()}
             save_file(trainable, os.path.join(output_dir, TRAINABLE_NAME))
+
+    def _trainable_names(self) -> list[str]:
+        if self.engine is not None:
+            return self.engine.param_names
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ FSDP2 checkpoints
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under FSDP2 every rank gathers the full state dict and rank 0 writes it."""
+        if not self._sharded or self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state_dict = get_model_state_dict(self.model, options=options)
+        if self.args.should_save:
+            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._sharded:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_sharded(self.model, _inner(self.optimizer), os.path.join(output_dir, SHARDED_DIR))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._sharded:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_sharded(self.model, _inner(self.optimizer), os.path.join(checkpoint, SHARDED_DIR))
+        state = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(state)
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
+    return getattr(optimizer, "optimizer", optimizer)
