@@ -277,10 +277,16 @@ def _bits(x: torch.Tensor) -> bytes:
     return x.view(torch.int16 if x.element_size() == 2 else torch.int32).numpy().tobytes()
 
 
-def check_backend(bufs, sizes, backend, kw) -> None:
-    d, res = run_backend(bufs, sizes, backend, kw)
+def check_backends(bufs, sizes, backends, kw) -> None:
+    """Every backend in ``backends`` against one oracle run."""
     ref_kw = {k: v for k, v in kw.items() if k in ("mode", "alpha", "align", "alpha_by")}
     ref = oracle(bufs, sizes, **ref_kw)
+    for backend in backends:
+        check_backend(bufs, sizes, backend, kw, ref)
+
+
+def check_backend(bufs, sizes, backend, kw, ref: ReferenceResult) -> None:
+    d, res = run_backend(bufs, sizes, backend, kw)
     must_skip, may_skip = overflow_bounds(ref, sizes)
     if res is None:  # skipped or raised: statistics overflowed float32, nothing written
         assert may_skip, f"{backend} skipped a step whose statistics fit float32"
@@ -299,27 +305,14 @@ def check_backend(bufs, sizes, backend, kw) -> None:
 @given(problem=problems(), kw=options())
 def test_every_backend_matches_the_oracle(problem, kw):
     bufs, sizes = problem
-    for backend in BACKENDS:
-        check_backend(bufs, sizes, backend, kw)
+    check_backends(bufs, sizes, BACKENDS, kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_empty_segments(backend):
-    sizes = [0, 0, 0]
-    bufs = [torch.zeros(0) for _ in range(4)]
-    check_backend(
-        bufs,
-        sizes,
-        backend,
-        dict(
-            mode="gm",
-            alpha=0.5,
-            alpha_by="elements",
-            align=True,
-            masked="zero",
-            scale=1.0,
-            nonfinite="raise",
-        ),
+    kw = dict(mode="gm", alpha=0.5, alpha_by="elements", align=True, masked="zero", scale=1.0)
+    check_backends(
+        [torch.zeros(0) for _ in range(4)], [0, 0, 0], [backend], kw | {"nonfinite": "raise"}
     )
 
 
