@@ -289,7 +289,7 @@ def test_fsdp_checkpoint_resumes_bit_for_bit(tmp_path):
         assert repr(res["figures_resumed"]) == repr(res["figures_full"])  # bit-exact floats
         assert torch.equal(res["params_resumed"], res["params_full"]), f"rank {rank} diverged"
         assert res["same_optimizer_state"], f"rank {rank}: optimizer state differs"
-        assert {"dcp", "state.pt", f"rng-{rank}.pt"} <= set(res["files"]), res["files"]
+        assert {"dcp-0", "state.pt", f"rng-{rank}-0.pt"} <= set(res["files"]), res["files"]
 
 
 def test_trainer_on_fsdp2_equals_dp_and_resumes(tmp_path):
