@@ -96,7 +96,9 @@ def coefficients(
     deg_p = nbp <= eps * gpgp
     deg_t = nbt <= eps * gtgt
     k = _safe_div(dot, nbp, deg_p)  # Eq. 9
-    cos = _safe_div(dot, torch.sqrt(nbt * nbp), deg_p | deg_t)  # Eq. 11
+    # Eq. 11; statistics rounded to float32 can break Cauchy-Schwarz (nearly parallel or
+    # underflowing vectors): a cosine stays in [-1, 1] whatever the rounding
+    cos = _safe_div(dot, torch.sqrt(nbt * nbp), deg_p | deg_t).clamp(-1.0, 1.0)
 
     one = torch.ones_like(k)
     zero = torch.zeros_like(k)
