@@ -24,20 +24,16 @@ from mdgd import MDGDConfig, MDGDEngine, mark_trainable, shard_models
 TIMEOUT_S = 5
 
 
-def build(dmode: str, nonfinite: str, timeout_s: float = 60):
+def build(dmode: str, **config):
+    """theta and an AdamW engine on ``models()`` in ``dmode`` (both models sharded in
+    ``"fsdp"``); ``config`` goes to ``MDGDConfig``."""
     theta, ref = models()
     pats = patterns(theta)
     mark_trainable(theta, pats)
     if dmode == "fsdp":
         shard_models(theta, ref)
     opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
-    cfg = MDGDConfig(
-        mode="mdgd",
-        trainable=pats,
-        distributed=dmode,
-        nonfinite=nonfinite,
-        dist_timeout_s=timeout_s,
-    )
+    cfg = MDGDConfig(trainable=pats, distributed=dmode, **config)
     return theta, MDGDEngine(theta, ref, opt, cfg)
 
 
@@ -58,7 +54,7 @@ def poison(model, fault: str):
 
 
 def one_case(rank: int, dmode: str, nonfinite: str, fault: str) -> dict:
-    theta, engine = build(dmode, nonfinite)
+    theta, engine = build(dmode, mode="mdgd", nonfinite=nonfinite, dist_timeout_s=60)
     engine.step(batch_for(theta.config, rank, 0))
     before = full_flat(theta, engine.param_names)
     handle = poison(theta, fault) if rank == 1 else None
@@ -85,7 +81,7 @@ def scenario_faults(rank: int, world: int, out: str) -> None:
 
 
 def scenario_dies(rank: int, world: int, out: str, dmode: str) -> None:
-    theta, engine = build(dmode, "raise", timeout_s=TIMEOUT_S)
+    theta, engine = build(dmode, mode="mdgd", dist_timeout_s=TIMEOUT_S)
     engine.step(batch_for(theta.config, rank, 0))
     engine.backward(batch_for(theta.config, rank, 1))
     if rank == 1:
