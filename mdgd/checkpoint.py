@@ -7,7 +7,7 @@ A checkpoint is a directory with two files:
   and the RNG states;
 * ``state.pt``: everything else (step count, config, segment layout, the
   structure of the state dicts, with each tensor replaced by a reference into
-  the safetensors file, and that file's name, size and SHA-256), plain Python
+  the safetensors file, that file's name, size and SHA-256, and its own), plain Python
   objects read back with ``torch.load(weights_only=True)``: no pickled code runs
   on load.
 
@@ -258,7 +258,15 @@ def _write(
     _atomic(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     state = dict(state, generation=generation, tensors_file=file.name)
     state["tensors_bytes"], state["tensors_sha256"] = file.stat().st_size, _sha256(file)
+    state["state_sha256"] = _state_digest(state)
     _atomic(path / f"{state_name}.pt", lambda tmp: torch.save(state, tmp))
+
+
+def _state_digest(state: dict) -> str:
+    """SHA-256 of the state's ``repr``: plain Python values (its tensors live in the
+    safetensors file), so the ``repr`` of what ``torch.load`` returns is the same."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(repr(body).encode()).hexdigest()
 
 
 def _prune(path: Path, pattern: str, *keep: str) -> None:
@@ -283,6 +291,8 @@ def _read(path: Path, state_name: str) -> tuple[dict, dict]:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{file} has format {found!r}, expected {FORMAT}")
+    if state.get("state_sha256") != _state_digest(state):
+        raise CheckpointError(f"{file} is corrupted: its content does not match its SHA-256")
     data = path / state["tensors_file"]
     if not data.is_file():
         raise CheckpointError(f"{data}, which {file} names, does not exist")

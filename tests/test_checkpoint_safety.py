@@ -118,7 +118,7 @@ def flip_byte(file):
         (truncate, "tensors", "truncated or corrupted"),
         (flip_byte, "tensors", "truncated or corrupted"),
         (truncate, "state", "truncated or corrupted"),
-        (flip_byte, "state", "truncated or corrupted|format"),
+        (flip_byte, "state", "corrupted|format"),
         (lambda f: f.unlink(), "tensors", "does not exist"),
     ],
     ids=["truncated-tensors", "flipped-tensors", "truncated-state", "flipped-state", "no-tensors"],
