@@ -9,8 +9,9 @@ sampled every 10 steps; after ``--warmup`` steps (allocator pools, optimizer sta
 and autograd caches settle) it must not grow by more than ``--bound-mb`` MB up to
 the last step, and its least-squares slope over the same window is reported in
 KB/step (a leak of one float32 copy of the trainable gradients per step, 22,720
-elements or ~89 KB, would show as ~89 KB/step and ~35 MB over the window). Prints one JSON line per mode and exits
-non-zero when a mode breaks the bound. Not part of the test suite: it takes minutes.
+elements or ~89 KB, would show as ~89 KB/step and ~35 MB over the window). Prints
+one JSON line per mode and exits non-zero when a mode breaks the bound. Not part of
+the test suite: it takes minutes.
 """
 
 from __future__ import annotations
