@@ -2,13 +2,24 @@
 
 A checkpoint is a directory with two files:
 
-* ``tensors.safetensors``: every tensor: theta's trainable parameters
+* ``tensors-<generation>.safetensors``: every tensor: theta's trainable parameters
   (``model/<name>``), the optimizer's state, the scheduler's and scaler's tensors
   and the RNG states;
-* ``state.pt``: everything else (step count, config, hyper-parameters, the
+* ``state.pt``: everything else (step count, config, segment layout, the
   structure of the state dicts, with each tensor replaced by a reference into
-  the safetensors file), plain Python objects read back with
-  ``torch.load(weights_only=True)``: no pickled code runs on load.
+  the safetensors file, that file's name, size and SHA-256, and its own), plain Python
+  objects read back with ``torch.load(weights_only=True)``: no pickled code runs
+  on load.
+
+Saves are atomic: every file is written under a temporary name, flushed to disk
+(``fsync``) and renamed into place, and ``state.pt`` is renamed last: it is the
+commit point. A save killed at any moment leaves the previous checkpoint in the
+directory complete and loadable (the new tensors file is only referenced once the
+new ``state.pt`` is in place; the old one is removed after that). A load checks
+everything before it changes anything: a truncated or corrupted file, or a
+checkpoint of another trainable set, segment layout or mode, raises
+:class:`CheckpointError` naming the file and the mismatch, and leaves the engine
+as it was.
 
 Saved: theta's *trainable* parameters (MDGD never changes the others), the
 optimizer, the scheduler and the GradScaler given to the engine, the CPU (and
@@ -23,17 +34,21 @@ does not own the data loader; ``engine.step_count`` tells where it was).
 
 FSDP2 runs (``distributed="fsdp"``) save with ``torch.distributed.checkpoint``
 (every rank calls ``save_checkpoint`` / ``load_checkpoint``; no rank gathers the
-full model): the directory then holds ``dcp/`` (theta's trainable parameters and
-the optimizer state, sharded, through ``get_state_dict`` / ``set_state_dict``),
-``state.*`` (written by rank 0: step, config, names, scheduler) and
-``rng-<rank>.*`` (each rank's RNG states). Resume with the same number of
+full model): the directory then holds ``dcp-<generation>/`` (theta's trainable
+parameters and the optimizer state, sharded, through ``get_state_dict`` /
+``set_state_dict``), ``state.pt`` and ``tensors-<generation>.safetensors`` (written
+by rank 0, last: step, config, names, scheduler) and ``rng-<rank>-<generation>.*``
+(each rank's RNG states). Resume with the same number of
 ranks (the RNG files are per rank); DCP itself can reshard the model and
 optimizer state to another world size.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,11 +56,15 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT = 1
-TENSORS = "tensors.safetensors"
+FORMAT = 2
 STATE = "state.pt"
 DCP_DIR = "dcp"
 _REF = "__tensor__"
+_MUST_MATCH = ("mode", "granularity")  # config keys a resumed run cannot change
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, corrupted, or does not fit this engine."""
 
 
 def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -115,41 +134,99 @@ def save_checkpoint(engine, path: str | Path) -> Path:
         tensors[f"model/{name}"] = p.detach().cpu().contiguous()
     state = _engine_state(engine, tensors, ("optimizer", "lr_scheduler", "scaler"))
     state["rng"] = _split(_rng_state(), "rng", tensors)
-    _write(path, "tensors", "state", state, tensors, engine.step_count)
+    generation = _generation(path, "state")
+    _write(path, "tensors", "state", state, tensors, engine.step_count, generation)
+    _prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
+    _prune(path, ".*.tmp-*")  # left by saves that were killed
     return path
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic(file: Path, write) -> None:
+    """``write(tmp)`` then fsync and rename ``tmp`` to ``file``: ``file`` is either the
+    old content or the complete new one, whenever the process dies."""
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(file.parent)
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _generation(path: Path, state_name: str) -> int:
+    """One more than the generation of the checkpoint in ``path`` (0 if none)."""
+    try:
+        return int(torch.load(path / f"{state_name}.pt", weights_only=True)["generation"]) + 1
+    except Exception:  # absent, unreadable or of another format: start afresh
+        return 0
+
+
 def load_checkpoint(engine, path: str | Path) -> None:
-    """Restore what :func:`save_checkpoint` wrote into an engine built like the saved one."""
+    """Restore what :func:`save_checkpoint` wrote into an engine built like the saved one.
+
+    Everything is read and checked first; a :class:`CheckpointError` (or
+    ``FileNotFoundError``) leaves the engine untouched.
+    """
     path = Path(path)
     if engine.num_micro_batches:
         raise RuntimeError(
             "load a checkpoint before backward(), not in the middle of an accumulation"
         )
-    state, tensors = _read(path, "tensors", "state")
-    _check_compatible(engine, state, path)
+    state, tensors = _read(path, "state")
+    _check_compatible(engine, state, path / STATE)
     if engine.dist_mode == "fsdp":
-        load_sharded(engine.model, engine.optimizer, path / DCP_DIR)
         keys = ("lr_scheduler", "scaler")
-        rng, rng_tensors = _read(path, _rng_name(), _rng_name())
+        rng, rng_tensors = _read(path, f"{_rng_name()}-{state['generation']}")
         rng = rng["rng"]
     else:
+        keys = ("optimizer", "lr_scheduler", "scaler")
+        rng, rng_tensors = state["rng"], tensors
+    staged = {key: _staged(engine, key, state, tensors, path / STATE) for key in keys}
+    rng = _join(rng, rng_tensors)
+    # nothing has changed so far; the optimizer checks its groups before it changes
+    if engine.dist_mode == "fsdp":
+        load_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{state['generation']}")
+    for key, obj in staged.items():
+        if obj is not None:
+            getattr(engine, key).load_state_dict(obj)
+    if engine.dist_mode != "fsdp":
         with torch.no_grad():
             for name, p in zip(engine.theta.names, engine.theta.params):
                 p.copy_(tensors[f"model/{name}"])
-        keys = ("optimizer", "lr_scheduler", "scaler")
-        rng, rng_tensors = state["rng"], tensors
-    for key in keys:
-        obj, saved = getattr(engine, key), state[key]
-        if (obj is None) != (saved is None):
-            raise ValueError(
-                f"the checkpoint {'has' if saved is not None else 'has no'} {key} state but "
-                f"this engine {'has no' if obj is None else 'has a'} {key}"
-            )
-        if obj is not None:
-            obj.load_state_dict(_join(saved, tensors))
-    _set_rng_state(_join(rng, rng_tensors))
+    _set_rng_state(rng)
     engine.step_count = state["step"]
+
+
+def _staged(engine, key: str, state: dict, tensors: dict, file: Path) -> Any:
+    """The saved state dict of ``engine.<key>``, its tensors joined in (None if absent)."""
+    obj, saved = getattr(engine, key), state[key]
+    if (obj is None) != (saved is None):
+        raise CheckpointError(
+            f"{file} {'has' if saved is not None else 'has no'} {key} state but "
+            f"this engine {'has no' if obj is None else 'has a'} {key}"
+        )
+    try:
+        return None if saved is None else _join(saved, tensors)
+    except KeyError as exc:
+        raise CheckpointError(f"{file} refers to tensor {exc} that its tensors file lacks") from exc
 
 
 # ---------------------------------------------------------------------- pieces
@@ -161,6 +238,8 @@ def _engine_state(engine, tensors: dict[str, torch.Tensor], keys) -> dict[str, A
         "step": engine.step_count,
         "config": engine.config.to_dict(),
         "param_names": list(engine.theta.names),
+        "param_shapes": [list(p.shape) for p in engine.theta.params],
+        "segment_sizes": list(engine.segments.sizes),
         "sharded": engine.dist_mode == "fsdp",
     }
     for key in keys:
@@ -169,47 +248,113 @@ def _engine_state(engine, tensors: dict[str, torch.Tensor], keys) -> dict[str, A
     return state
 
 
-def _write(path: Path, tensors_name: str, state_name: str, state, tensors, step: int) -> None:
-    save_file(
-        tensors,
-        str(path / f"{tensors_name}.safetensors"),
-        metadata={"format": "mdgd", "step": str(step)},
-    )
-    torch.save(state, path / f"{state_name}.pt")
+def _write(
+    path: Path, tensors_name: str, state_name: str, state, tensors, step: int, generation: int
+) -> None:
+    """Write ``tensors`` to generation ``generation``'s file, then commit ``state`` (with
+    that file's name, size and hash) to ``state_name.pt``."""
+    file = path / f"{tensors_name}-{generation}.safetensors"
+    metadata = {"format": "mdgd", "step": str(step)}
+    _atomic(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    state = dict(state, generation=generation, tensors_file=file.name)
+    state["tensors_bytes"], state["tensors_sha256"] = file.stat().st_size, _sha256(file)
+    state["state_sha256"] = _state_digest(state)
+    _atomic(path / f"{state_name}.pt", lambda tmp: torch.save(state, tmp))
 
 
-def _read(path: Path, tensors_name: str, state_name: str) -> tuple[dict, dict]:
+def _state_digest(state: dict) -> str:
+    """SHA-256 of the state's ``repr``: plain Python values (its tensors live in the
+    safetensors file), so the ``repr`` of what ``torch.load`` returns is the same."""
+    body = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(repr(body).encode()).hexdigest()
+
+
+def _prune(path: Path, pattern: str, *keep: str) -> None:
+    """Remove the files (or directories) of older generations, after a commit."""
+    for old in path.glob(pattern):
+        if old.name not in keep:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def _read(path: Path, state_name: str) -> tuple[dict, dict]:
+    """The state and tensors of a checkpoint, verified (format, size, SHA-256)."""
     file = path / f"{state_name}.pt"
     if not file.is_file():
         raise FileNotFoundError(
             f"{file} does not exist: not an mdgd checkpoint, or one written by more ranks "
             "than this run has (resume FSDP2 runs on the same number of ranks)"
         )
-    state = torch.load(file, weights_only=True)
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{file} has format {state.get('format')!r}, expected {FORMAT}")
-    return state, load_file(str(path / f"{tensors_name}.safetensors"))
+    try:
+        state = torch.load(file, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{file} is truncated or corrupted: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{file} has format {found!r}, expected {FORMAT}")
+    if state.get("state_sha256") != _state_digest(state):
+        raise CheckpointError(f"{file} is corrupted: its content does not match its SHA-256")
+    data = path / state["tensors_file"]
+    if not data.is_file():
+        raise CheckpointError(f"{data}, which {file} names, does not exist")
+    size = data.stat().st_size
+    if size != state["tensors_bytes"] or _sha256(data) != state["tensors_sha256"]:
+        raise CheckpointError(
+            f"{data} is truncated or corrupted: {size:,} bytes, expected "
+            f"{state['tensors_bytes']:,} with SHA-256 {state['tensors_sha256']}"
+        )
+    try:
+        return state, load_file(str(data))
+    except Exception as exc:
+        raise CheckpointError(f"{data} is corrupted: {exc}") from exc
 
 
-def _check_compatible(engine, state: dict, path: Path) -> None:
+def _check_compatible(engine, state: dict, file: Path) -> None:
+    """Raise :class:`CheckpointError` where the checkpoint cannot resume ``engine``."""
     if state["param_names"] != list(engine.theta.names):
         saved, now = set(state["param_names"]), set(engine.theta.names)
         diff = sorted(saved ^ now)[:3]
-        raise ValueError(
-            f"the checkpoint trains {len(saved)} parameters, this engine {len(now)}; they "
+        raise CheckpointError(
+            f"{file} trains {len(saved)} parameters, this engine {len(now)}; they "
             f"differ in e.g. {diff}: build the engine with the same trainable patterns"
         )
     if state.get("sharded", False) != (engine.dist_mode == "fsdp"):
         which = "an FSDP2" if state.get("sharded") else "a non-FSDP2"
-        raise ValueError(
-            f"{path} is {which} checkpoint but this engine runs in {engine.dist_mode!r} mode: "
+        raise CheckpointError(
+            f"{file} is {which} checkpoint but this engine runs in {engine.dist_mode!r} mode: "
             "resume in the mode it was saved in"
         )
-    if state["config"] != engine.config.to_dict():
+    config = engine.config.to_dict()
+    for key in _MUST_MATCH:
+        if state["config"][key] != config[key]:
+            raise CheckpointError(
+                f"{file} was written with {key}={state['config'][key]!r}, this engine has "
+                f"{key}={config[key]!r}: resume with the same {key}"
+            )
+    if not state["sharded"]:
+        _check_layout(engine, state, file)
+    if state["config"] != config:
         warnings.warn(
             f"the checkpoint was written with {state['config']}, this engine has "
-            f"{engine.config.to_dict()}; the resumed run will differ from the saved one",
+            f"{config}; the resumed run will differ from the saved one",
             stacklevel=3,
+        )
+
+
+def _check_layout(engine, state: dict, file: Path) -> None:
+    for name, saved, p in zip(state["param_names"], state["param_shapes"], engine.theta.params):
+        if saved != list(p.shape):
+            raise CheckpointError(
+                f"{file} has {name} of shape {tuple(saved)}, this engine {tuple(p.shape)}: "
+                "build the model from the same configuration"
+            )
+    saved, now = state["segment_sizes"], list(engine.segments.sizes)
+    if saved != now:
+        at = next(
+            (i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now))
+        )
+        raise CheckpointError(
+            f"{file} has a layout of {len(saved)} segments, this engine {len(now)}; they first "
+            f"differ at segment {at}: resume with the same granularity and trainable set"
         )
 
 
@@ -277,15 +422,26 @@ def load_sharded(
 
 
 def _save_fsdp(engine, path: Path) -> Path:
+    """Every rank writes its RNG file and its DCP shard under a new generation's names;
+    then rank 0 commits ``state.pt``, and only then are older generations removed."""
     import torch.distributed as dist
 
-    save_sharded(engine.model, engine.optimizer, path / DCP_DIR)
-    if dist.get_rank() == 0:
-        tensors: dict[str, torch.Tensor] = {}
-        state = _engine_state(engine, tensors, ("lr_scheduler", "scaler"))
-        _write(path, "tensors", "state", state, tensors, engine.step_count)
+    rank = dist.get_rank()
+    generation = _generation(path, "state")  # read by every rank before dcp.save syncs them
     rng_tensors: dict[str, torch.Tensor] = {}
     rng = {"format": FORMAT, "rng": _split(_rng_state(), "rng", rng_tensors)}
-    _write(path, _rng_name(), _rng_name(), rng, rng_tensors, engine.step_count)
-    dist.barrier()  # every file is written before anyone reads them
+    rng_name = f"rng-{rank}-{generation}"
+    _write(path, rng_name, rng_name, rng, rng_tensors, engine.step_count, generation)
+    save_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{generation}")
+    dist.barrier()  # every rank's files are complete before the commit
+    if rank == 0:
+        tensors: dict[str, torch.Tensor] = {}
+        state = _engine_state(engine, tensors, ("lr_scheduler", "scaler"))
+        _write(path, "tensors", "state", state, tensors, engine.step_count, generation)
+    dist.barrier()  # committed: older generations can go
+    if rank == 0:
+        _prune(path, f"{DCP_DIR}-*", f"{DCP_DIR}-{generation}")
+        _prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
+        _prune(path, ".*.tmp-*")  # left by saves that were killed
+    _prune(path, f"rng-{rank}-*", f"{rng_name}.pt", f"{rng_name}-{generation}.safetensors")
     return path

@@ -287,9 +287,11 @@ class MDGDEngine:
                 loss = self._backward_ft(batch, last)
             else:
                 loss = self._backward_mdgd(batch, last)
-        except BaseException:
+        except BaseException as e:
             self._reset()  # the partial accumulation is discarded
             self.exchange.discard()
+            if self.dist_mode == "fsdp" and _raised_by_a_collective(e):
+                raise _fsdp_collective_failed(e, self.config.dist_timeout_s) from e
             raise
         self._counts += mb.counts(self.device)
         self._micro += 1
@@ -517,6 +519,28 @@ class MDGDEngine:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _raised_by_a_collective(e: BaseException) -> bool:
+    """Whether ``e`` came out of a torch.distributed collective (its innermost frame)."""
+    if not isinstance(e, RuntimeError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py")
+
+
+def _fsdp_collective_failed(e: Exception, timeout_s: float) -> RuntimeError:
+    """FSDP2's own collectives (not the driver's) failed inside a forward or backward."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return RuntimeError(
+        f"mdgd (rank {rank} of {world}): an FSDP2 collective of the forward/backward "
+        f"(all-gather of the parameters or reduce-scatter of the gradients) did not complete "
+        f"({e}). FSDP2 waits for the process group's timeout, not MDGDConfig.dist_timeout_s "
+        f"({timeout_s:g} s). Another rank failed or did not reach the same step: check the "
+        "other ranks' logs"
+    )
 
 
 def _check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:

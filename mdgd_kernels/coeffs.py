@@ -96,7 +96,9 @@ def coefficients(
     deg_p = nbp <= eps * gpgp
     deg_t = nbt <= eps * gtgt
     k = _safe_div(dot, nbp, deg_p)  # Eq. 9
-    cos = _safe_div(dot, torch.sqrt(nbt * nbp), deg_p | deg_t)  # Eq. 11
+    # Eq. 11; statistics rounded to float32 can break Cauchy-Schwarz (nearly parallel or
+    # underflowing vectors): a cosine stays in [-1, 1] whatever the rounding
+    cos = _safe_div(dot, torch.sqrt(nbt * nbp), deg_p | deg_t).clamp(-1.0, 1.0)
 
     one = torch.ones_like(k)
     zero = torch.zeros_like(k)
@@ -106,7 +108,9 @@ def coefficients(
         c = torch.stack([one, a, k, -k * s_p], dim=1)
     elif mode == "gm":
         weights = sizes if alpha_by == "elements" else torch.ones_like(sizes)
-        mask = top_alpha_mask(cos, weights, alpha)
+        # rank the float32 cos the result reports: float64 noise below its resolution
+        # must not break the ties (theta = phi gives cos 1 +- 1e-16 everywhere)
+        mask = top_alpha_mask(cos.to(torch.float32), weights, alpha)
         m = mask.to(k.dtype)
         c = torch.stack([m, m * a, zero, zero], dim=1) * scale
         if masked == "keep":  # dropped rows become (1, 0, 0, 0): not read, not written

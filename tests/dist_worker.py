@@ -19,6 +19,8 @@ torchrun sets the same variables. Scenarios:
   theta prepared the way accelerate's FSDP2 plugin does and phi by ``shard_like``.
 * ``fsdp_ckpt``: checkpoint and resume under FSDP2 against the uninterrupted run.
 * ``trainer_fsdp``: MDGDTrainer in "dp" and "fsdp" mode, and resumed on FSDP2.
+* ``faults``, ``dies_dp``, ``dies_fsdp``: NaN on one rank and a rank dying mid-step
+  (tests/dist_faults.py).
 """
 
 from __future__ import annotations
@@ -613,6 +615,16 @@ SCENARIOS = {
 }
 
 
+def _fault_scenarios() -> dict:
+    import dist_faults  # imports this module: registered after its definitions
+
+    return {
+        "faults": dist_faults.scenario_faults,
+        "dies_dp": functools.partial(dist_faults.scenario_dies, dmode="dp"),
+        "dies_fsdp": functools.partial(dist_faults.scenario_dies, dmode="fsdp"),
+    }
+
+
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -622,6 +634,7 @@ def main() -> None:
             dist.init_process_group(
                 "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
             )
+        SCENARIOS.update(_fault_scenarios())
         SCENARIOS[scenario](rank, world, out)
     except BaseException:
         traceback.print_exc()

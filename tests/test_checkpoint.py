@@ -76,7 +76,7 @@ def test_checkpoint_files_are_safe_to_load(tmp_path):
     engine.save_checkpoint(tmp_path)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["step"] == 1 and state["config"]["mode"] == "gm"
-    tensors = load_file(str(tmp_path / "tensors.safetensors"))
+    tensors = load_file(str(tmp_path / state["tensors_file"]))
     assert {f"model/{n}" for n in engine.param_names} <= set(tensors)
     assert any(k.startswith("optimizer/state/") for k in tensors)
     assert "rng/torch" in tensors

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from dist_faults import build
 from dist_worker import (
     CASES,
     FSDP_CASES,
@@ -292,7 +293,7 @@ def test_fsdp_checkpoint_resumes_bit_for_bit(tmp_path):
         assert repr(res["figures_resumed"]) == repr(res["figures_full"])  # bit-exact floats
         assert torch.equal(res["params_resumed"], res["params_full"]), f"rank {rank} diverged"
         assert res["same_optimizer_state"], f"rank {rank}: optimizer state differs"
-        assert {"dcp", "state.pt", f"rng-{rank}.pt"} <= set(res["files"]), res["files"]
+        assert {"dcp-0", "state.pt", f"rng-{rank}-0.pt"} <= set(res["files"]), res["files"]
 
 
 def test_trainer_on_fsdp2_equals_dp_and_resumes(tmp_path):
@@ -387,14 +388,7 @@ def one_rank_group():
 
 def one_rank_run(dmode: str) -> torch.Tensor:
     """2 steps of 2 micro-batches (MDGD-GM, AdamW); the final trainable parameters."""
-    theta, ref = models()
-    pats = patterns(theta)
-    mark_trainable(theta, pats)
-    if dmode == "fsdp":
-        shard_models(theta, ref)
-    opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
-    cfg = MDGDConfig(mode="gm", alpha=0.3, trainable=pats, distributed=dmode)
-    engine = MDGDEngine(theta, ref, opt, cfg)
+    theta, engine = build(dmode, mode="gm", alpha=0.3)
     assert engine.dist_mode == {"auto": "none"}.get(dmode, dmode)
     for step in range(2):
         engine.backward(batch_for(theta.config, 0, step))

@@ -1,0 +1,45 @@
+"""Faults across 2 gloo ranks: a NaN on one rank only makes every rank skip (or raise),
+with identical parameters, in "dp" and "fsdp" mode; a rank dying mid-step makes the
+other raise within dist_timeout_s naming the collective (scenarios: tests/dist_faults.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from dist_faults import TIMEOUT_S
+from test_distributed import WORLD, launch
+
+CASES = [(d, n, f) for d in ("dp", "fsdp") for n in ("skip", "raise") for f in ("grad", "loss")]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults")
+    launch("faults", out, timeout=300)
+    return [torch.load(out / f"faults-{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_nan_on_one_rank_skips_or_raises_on_every_rank(faults, case):
+    dmode, nonfinite, fault = case
+    ranks = [f[case] for f in faults]
+    for rank, res in enumerate(ranks):
+        if nonfinite == "raise":
+            assert res["error"] and "non-finite" in res["error"], f"rank {rank}: {res}"
+        else:
+            assert res["error"] is None and res["figures"]["skipped"] == 1.0, f"rank {rank}"
+        assert res["unchanged"], f"rank {rank} moved its parameters on a non-finite step"
+    a, b = (r["after"] for r in ranks)
+    assert torch.equal(a, b), "the ranks' parameters differ after the next step"
+    assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("dmode", ["dp", "fsdp"])
+def test_a_dead_rank_makes_the_other_raise_naming_the_collective(tmp_path, dmode):
+    launch(f"dies_{dmode}", tmp_path, timeout=120)
+    got = json.loads((tmp_path / f"dies_{dmode}-0.json").read_text())
+    collective = {"dp": "reduction of", "fsdp": "FSDP2 collective of the forward/backward"}
+    assert collective[dmode] in got["message"] and "did not complete" in got["message"], got
+    assert got["seconds"] < TIMEOUT_S + 5, got
