@@ -16,7 +16,7 @@
 
 namespace mdgd {
 
-// Columns of segment_gram's [S, 10] output, spec section 3:
+// Columns of segment_gram's [S, 10] output, docs/math.md section 3:
 // 0 gt.gt 1 gt.ht 2 ht.ht 3 gp.gp 4 gp.hp 5 hp.hp 6 gt.gp 7 gt.hp 8 ht.gp 9 ht.hp
 constexpr int64_t kGramCols = 10;
 // Columns of a chunk-table row: segment id, first element, length.

@@ -17,7 +17,7 @@ on the same machine and in the same process:
 Workloads: ``llava-layer``, the gradient of one LLaVA-1.5-7B decoder layer
 (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; two 4096 norms:
 202M elements per buffer), and ``small``, 2,000 small tensors (64 to 8,192
-elements). GB/s is counted at the spec's traffic budget: pass 1 reads the four
+elements). GB/s is counted at the traffic budget of docs/math.md §9: pass 1 reads the four
 buffers (4eN bytes for e-byte elements), pass 2 reads four and writes one (5eN),
 so the whole op is 9eN (18N for bf16), whatever the implementation really moves.
 
@@ -319,8 +319,9 @@ def _print_table(report: Report) -> None:
             f"{r.speedup_vs_per_tensor:7.1f}x"
         )
     print(
-        "GB/s counted at the spec's budget (pass 1: 4 reads, pass 2: 4 reads + 1 write, "
-        "whole op: 9 element-passes); speedup vs the per-tensor float32 loop."
+        "GB/s counted at the budget of docs/math.md §9 (pass 1: 4 reads, "
+        "pass 2: 4 reads + 1 write, whole op: 9 element-passes); "
+        "speedup vs the per-tensor float32 loop."
     )
 
 

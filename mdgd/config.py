@@ -26,7 +26,7 @@ DISTRIBUTED = ("auto", "none", "dp", "fsdp")
 
 @dataclass(frozen=True)
 class MDGDConfig:
-    """What one MDGD step computes (spec sections 1 and 5-7).
+    """What one MDGD step computes (docs/math.md §1 and §5-8).
 
     Args:
         mode: ``"mdgd"`` (Eq. 10), ``"gm"`` (MDGD-GM, Eq. 12) or ``"ft"`` (plain

@@ -1,4 +1,4 @@
-"""The float64 oracle of MDGD, written as the paper's equations (spec sections 3-6).
+"""The float64 oracle of MDGD, written as the paper's equations (docs/math.md §3-6).
 
 Every backend is tested against these functions. They favour readability over
 speed: a Python loop over segments, explicit projected vectors, float64 for every

@@ -6,7 +6,7 @@ Public API::
     res = mdgd_direction_(g_theta, h_theta, g_phi, h_phi, sizes, mode="mdgd")
     # g_theta now holds the direction d; res.cos, res.k, res.mask, res.skipped
 
-The math is fixed in the project's spec (``mdgd-math.md``) and written out in
+The math and the op contract are stated in ``docs/math.md`` and written out in
 float64 in :mod:`mdgd.reference`. Backends: ``"triton"`` and ``"cuda"`` (CUDA
 tensors), ``"cpu"`` (the C++ extension), ``"torch"`` (composed torch ops, any
 device). ``backend=None`` picks the best available one for the tensors' device;

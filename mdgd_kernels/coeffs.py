@@ -1,12 +1,12 @@
 """Per-segment coefficients and the top-alpha mask, from the ``[S, 10]`` statistics.
 
-This is the small step between the two passes (spec sections 4 to 6). It runs as
+This is the small step between the two passes (docs/math.md §4-6). It runs as
 a handful of torch ops on ``[S]``-sized tensors on the buffers' device, in
 float64 (``S`` is at most a few thousand, so precision is free), with no host
 synchronisation. Every backend shares it, so the backends differ only in the
 two memory-bound passes.
 
-Statistics columns (spec section 3)::
+Statistics columns (docs/math.md §3)::
 
     0 gt.gt  1 gt.ht  2 ht.ht  3 gp.gp  4 gp.hp  5 hp.hp  6 gt.gp  7 gt.hp  8 ht.gp  9 ht.hp
 
@@ -78,7 +78,7 @@ def coefficients(
     masked: str = "zero",
     scale: float = 1.0,
 ) -> Coefficients:
-    """Coefficients of every segment from its Gram statistics (spec sections 4-6).
+    """Coefficients of every segment from its Gram statistics (docs/math.md §4-6).
 
     ``scale`` multiplies every row, i.e. the direction (the driver's average over
     micro-batches and ranks, folded into pass 2 instead of a separate pass over

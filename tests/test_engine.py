@@ -191,7 +191,7 @@ def test_gm_leaves_masked_parameters_and_their_moments_alone():
 
 
 def test_theta_equal_phi_gives_twice_g():
-    """At theta == phi, L_v = 0, h = 0, k = 1 and d = 2 g_theta (spec section 1)."""
+    """At theta == phi, L_v = 0, h = 0, k = 1 and d = 2 g_theta (docs/math.md §1)."""
     ref = tiny_llava(seed=0)
     theta = copy.deepcopy(ref)
     pats = trainable_patterns()

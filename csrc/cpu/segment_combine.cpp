@@ -2,7 +2,7 @@
 //
 //   g_theta[i] <- c1*gt[i] + c2*ht[i] + c3*gp[i] + c4*hp[i]     for i in segment s
 //
-// with (c1, c2, c3, c4) = coeffs[s] (float32 [S, 4], spec section 5), computed in
+// with (c1, c2, c3, c4) = coeffs[s] (float32 [S, 4], docs/math.md section 5), computed in
 // float32 and rounded once to the buffers' dtype (bf16, fp16 or fp32).
 // Two rules make masked-out and skipped segments free (mdgd_kernels/coeffs.py):
 //   * a coefficient that is exactly 0 (or -0) means its buffer is not read, so a

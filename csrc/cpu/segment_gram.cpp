@@ -2,7 +2,7 @@
 //
 //   stats[s] = (gt.gt, gt.ht, ht.ht, gp.gp, gp.hp, hp.hp, gt.gp, gt.hp, ht.gp, ht.hp)
 //
-// over the elements of segment s (spec section 3; gt = g_theta, ht = h_theta,
+// over the elements of segment s (docs/math.md section 3; gt = g_theta, ht = h_theta,
 // gp = g_phi, hp = h_phi). Buffers: bf16, fp16 or fp32, widened to float32 in
 // registers; output float32 [S, 10]. Bytes moved: each buffer read once, 4N
 // elements (8N bytes in bf16), plus 40 bytes per chunk of partials.
