@@ -404,7 +404,9 @@ class MDGDEngine:
         self.last_result = res
 
         # modality gradient conflict per parameter: Gram entries add over a parameter's blocks
-        st = res.stats[:, :3].double()
+        st = torch.stack(
+            mdgd_kernels.stat_columns(res.stats, "gt.gt", "gt.ht", "ht.ht"), 1
+        ).double()
         if self._global:
             per_param = st
         else:

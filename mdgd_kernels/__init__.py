@@ -28,8 +28,10 @@ from .coeffs import (
     DEFAULT_EPS,
     MASKED,
     MODES,
+    STAT_NAMES,
     Coefficients,
     coefficients,
+    stat_columns,
     top_alpha_mask,
 )
 from .layout import CHUNK, SegmentLayout, get_layout
@@ -38,6 +40,7 @@ __all__ = [
     "BACKENDS",
     "CHUNK",
     "MDGDResult",
+    "STAT_NAMES",
     "SegmentLayout",
     "available_backends",
     "coefficients",
@@ -46,24 +49,13 @@ __all__ = [
     "resolve_backend",
     "segment_combine_",
     "segment_gram",
+    "stat_columns",
     "top_alpha_mask",
 ]
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 NONFINITE = ("raise", "skip")
-STAT_NAMES = (
-    "gt.gt",
-    "gt.ht",
-    "ht.ht",
-    "gp.gp",
-    "gp.hp",
-    "hp.hp",
-    "gt.gp",
-    "gt.hp",
-    "ht.gp",
-    "ht.hp",
-)
 
 
 class MDGDResult(NamedTuple):
