@@ -10,7 +10,7 @@ on the same machine and in the same process:
   plus ``cuda`` when built);
 * the composed-torch backend (``backend="torch"``);
 * the per-tensor reference a user writes by hand (a Python loop of ``torch.dot``
-  and ``add_`` in float32, :func:`mdgd.reference.per_tensor_direction_`);
+  and ``add_`` in float32, :func:`mdgd_kernels.reference.per_tensor_direction_`);
 * ``torch.compile`` of that per-tensor function (one dynamic-shape graph, called
   per tensor).
 
@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 import mdgd_kernels as mk
-from mdgd.reference import per_tensor_direction_
+from mdgd_kernels.backends import kernels
+from mdgd_kernels.reference import per_tensor_direction_
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -250,7 +251,7 @@ def bench_workload(
     )
 
     def fused(backend: str) -> None:
-        gram, combine = mk._kernels(backend)
+        gram, combine = kernels(backend)
         add(f"fused[{backend}] pass1", lambda: gram(*cur(), layout.chunks, layout.chunk_ptr), 4)
         stats = gram(*cur(), layout.chunks, layout.chunk_ptr)
         coef = mk.coefficients(stats, layout.sizes_t, mode="mdgd").coeffs

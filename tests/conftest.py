@@ -1,6 +1,6 @@
 """Shared test fixtures: the tolerance table, input builders and comparisons.
 
-Every backend is compared with the float64 oracle in :mod:`mdgd.reference` on
+Every backend is compared with the float64 oracle in :mod:`mdgd_kernels.reference` on
 fresh random inputs. Each segment gets its own magnitude (10**U(-3, 3)) so that
 an indexing bug that mixes segments cannot hide inside a tolerance.
 """
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from mdgd.reference import (
+from mdgd_kernels.reference import (
     ReferenceResult,
     reference_direction,
     reference_gram,

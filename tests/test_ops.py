@@ -28,8 +28,8 @@ from conftest import (
 )
 
 import mdgd_kernels as mk
-from mdgd.reference import reference_top_alpha
 from mdgd_kernels.layout import CHUNK
+from mdgd_kernels.reference import reference_top_alpha
 
 BACKENDS = [b for b in mk.available_backends("cpu") if b != "triton"]
 

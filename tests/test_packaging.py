@@ -75,7 +75,7 @@ def test_sdist_lists_every_csrc_file(sdist):
 FALLBACK_CHECK = """
 import sys, warnings, torch
 import mdgd_kernels as mk
-from mdgd.reference import reference_direction
+from mdgd_kernels.reference import reference_direction
 assert mk.__file__.startswith(sys.argv[1]), mk.__file__
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

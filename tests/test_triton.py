@@ -310,9 +310,10 @@ def case_interpreter_dispatch() -> None:
     assert "triton" in mk.available_backends("cpu"), "TRITON_INTERPRET=1 enables it on CPU"
     assert mk.resolve_backend("triton", torch.device("cpu")) == "triton"
     from mdgd_kernels import triton as tb
+    from mdgd_kernels.backends import kernels
 
     assert tb.available and tb.error is None
-    assert mk._kernels("triton") == (tb.segment_gram, tb.segment_combine_)
+    assert kernels("triton") == (tb.segment_gram, tb.segment_combine_)
     # the ops are registered with torch and run through the dispatcher
     sizes = [5, 1, 70]
     bufs = make_buffers(sizes, torch.float32, seed=11)

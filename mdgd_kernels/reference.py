@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from mdgd_kernels.coeffs import STAT_NAMES
+from .coeffs import STAT_NAMES
 
 EPS = 1e-6
 
