@@ -14,9 +14,10 @@
 //
 // One task per chunk; each chunk picks the loop specialised for its set of
 // non-zero coefficients, so a zero coefficient costs neither a load nor an FMA.
-#include "mdgd_cpu_vec.h" // first: selects at::vec's code path
+#include "cpu/vec.h" // first: selects at::vec's code path
 
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <array>
 #include <utility>
@@ -138,3 +139,8 @@ void segment_combine_(
 }
 
 } // namespace mdgd::cpu
+
+// The CPU kernel of mdgd::segment_combine_ (the schema is defined in mdgd_kernels/_ops.py).
+TORCH_LIBRARY_IMPL(mdgd, CPU, m) {
+  m.impl("segment_combine_", &mdgd::cpu::segment_combine_);
+}

@@ -11,10 +11,11 @@
 // partials with a fixed instruction order; the partials of a segment are then
 // summed in chunk order in double. No value depends on which thread ran which
 // chunk, so the bits are the same on every run and for every thread count.
-#include "mdgd_cpu_vec.h" // first: selects at::vec's code path
+#include "cpu/vec.h" // first: selects at::vec's code path
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -185,3 +186,8 @@ at::Tensor segment_gram(
 }
 
 } // namespace mdgd::cpu
+
+// The CPU kernel of mdgd::segment_gram (the schema is defined in mdgd_kernels/_ops.py).
+TORCH_LIBRARY_IMPL(mdgd, CPU, m) {
+  m.impl("segment_gram", &mdgd::cpu::segment_gram);
+}

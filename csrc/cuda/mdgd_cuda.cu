@@ -7,7 +7,7 @@
 //
 // This file is the torch glue only: argument checks, the dtype switch, scratch
 // allocation and the launches on the current stream. The kernels, the equations
-// and the bytes they move are documented in mdgd_kernels.cuh. The schemas are
+// and the bytes they move are documented in kernels.cuh. The schemas are
 // defined in Python (mdgd_kernels/_ops.py); the C++ signatures match the CPU
 // kernels' (all `const at::Tensor&`), as the dispatcher requires of every kernel
 // of one op.
@@ -27,7 +27,7 @@
 #include <cstdint>
 
 #include "mdgd_common.h"
-#include "mdgd_kernels.cuh"
+#include "kernels.cuh"
 
 namespace mdgd {
 namespace cuda {
