@@ -57,7 +57,6 @@ import torch.distributed as dist
 from mdgd.bench import _machine, _sync
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-LLaVA builder shared with the tests
 
 MODES = ("ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute")
 DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
@@ -145,9 +144,8 @@ def _p20_p80(xs: list[float]) -> tuple[float, float]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from llava_tiny import perturbed_copy, random_batch, tiny_llava
-
     from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable, shard_models
+    from mdgd.testing import perturbed_copy, random_batch, tiny_llava
 
     if args.threads:
         torch.set_num_threads(args.threads)
