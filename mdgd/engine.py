@@ -276,6 +276,7 @@ class MDGDEngine:
                 "or step() first"
             )
         batch = self._prepare(batch)
+        self.exchange.check_micro_batch(self.visual, self.model, batch)
         self._mb = mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
         if self._micro == 0:
             self.theta.zero_()
@@ -308,15 +309,11 @@ class MDGDEngine:
 
     def _backward_mdgd(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
         mb = self._mb
-        # a text-only micro-batch has L_v = 0 and needs no h backward, except where every
-        # rank must run the same backward calls (FSDP2): there L_v is a sum over zero image
-        # positions, exactly 0 with exactly zero gradients, and its backward runs
-        skip_h = mb.text_only and not self.exchange.uniform_backward
-        kw = self.visual.forward_kwargs if not skip_h else {}
+        kw = self.visual.forward_kwargs if not mb.text_only else {}
         out_t = self.model(**batch, **kw)
         out_p = self.ref_model(**batch, **kw)
         loss_t, loss_p = mb.task_loss(out_t, "model"), mb.task_loss(out_p, "ref_model")
-        if skip_h:  # L_v = 0: no graph, so no h backward below
+        if mb.text_only:  # L_v = 0: no graph, so no h backward below
             loss_v = torch.zeros((), device=loss_t.device)
         else:
             z_t, mask = self.visual(self.model, batch, out_t)

@@ -42,6 +42,7 @@ from llava_tiny import (  # noqa: E402
     Examples,
     perturbed_copy,
     random_batch,
+    text_only_batch,
     tiny_llava,
     trainer_args,
 )
@@ -90,8 +91,17 @@ def patterns(model) -> list[str]:
     return llava_trainable_patterns(model, 2) + [r"vision_tower\..*layers\.0\.layer_norm2\.weight"]
 
 
-def batch_for(config, rank: int, step: int, micro: int = 0):
-    return random_batch(config, batch_size=2, seed=1000 * step + 100 * micro + rank)
+def batch_for(config, rank: int, step: int, micro: int = 0, text_only=()):
+    """This rank's micro-batch; text-only (no image) where ``(step, micro)`` is in ``text_only``."""
+    seed = 1000 * step + 100 * micro + rank
+    if (step, micro) in text_only:
+        return text_only_batch(config, batch_size=2, seed=seed)
+    return random_batch(config, batch_size=2, seed=seed)
+
+
+# Under FSDP2 the first micro-batch of step 1 is text-only on every rank (the ranks must
+# agree: scenario_fsdp_bad checks the error when they do not)
+FSDP_TEXT_ONLY = ((1, 0),)
 
 
 def optimizer_for(name: str):
@@ -299,8 +309,8 @@ def run_fsdp_case(case, rank: int, world: int):
     figures = []
     for step in range(STEPS):
         for m in range(micro - 1):
-            engine.backward(batch_for(theta.config, rank, step, m))
-        figures.append(engine.step(batch_for(theta.config, rank, step, micro - 1)))
+            engine.backward(batch_for(theta.config, rank, step, m, FSDP_TEXT_ONLY))
+        figures.append(engine.step(batch_for(theta.config, rank, step, micro - 1, FSDP_TEXT_ONLY)))
     fresh = models()[1]
     ref_names = [n for n, _ in fresh.named_parameters()]
     ref_same = torch.equal(full_flat(ref, ref_names), full_flat(fresh, ref_names))
@@ -315,9 +325,9 @@ def run_fsdp_reference(case, world: int):
     batches = [(r, m) for r in range(world) for m in range(micro)]
     for step in range(STEPS):
         for r, m in batches[:-1]:
-            engine.backward(batch_for(theta.config, r, step, m))
+            engine.backward(batch_for(theta.config, r, step, m, FSDP_TEXT_ONLY))
         r, m = batches[-1]
-        figures.append(engine.step(batch_for(theta.config, r, step, m)))
+        figures.append(engine.step(batch_for(theta.config, r, step, m, FSDP_TEXT_ONLY)))
     return full_flat(theta, engine.param_names), figures
 
 
@@ -400,6 +410,9 @@ def scenario_fsdp_bad(rank: int, world: int, out: str) -> None:
     )
     # the ranks still agree after all that: a good engine builds and steps
     good = build(lambda t, r: shard_models(t, r))
+    # a text-only micro-batch on rank 1 only: refused on both ranks, before any forward
+    mixed = batch_for(good.model.config, rank, 0, text_only=((0, 0),) if rank else ())
+    msgs["mixed_text_only"] = expect_value_error(lambda: good.backward(mixed))
     good.backward(batch_for(good.model.config, rank, 0), last=True)
     good.compute_direction()
     msgs["good_mode"] = good.dist_mode
@@ -440,7 +453,10 @@ def run_plugin_wrapped(rank: int):
     shard_like(ref, theta)
     opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
     engine = MDGDEngine(theta, ref, opt, MDGDConfig(trainable=pats, dist_timeout_s=60))
-    figures = [engine.step(batch_for(theta.config, rank, step)) for step in range(STEPS)]
+    figures = [
+        engine.step(batch_for(theta.config, rank, step, text_only=FSDP_TEXT_ONLY))
+        for step in range(STEPS)
+    ]
     units = [n for n, m in theta.named_modules() if type(m).__name__.startswith("FSDP")]
     return full_flat(theta, engine.param_names), figures, engine.dist_mode, units
 

@@ -217,6 +217,8 @@ def test_fsdp_equals_one_process_on_the_union(fsdp_results, case):
     want, want_figs = next(r["refs"][key] for r in fsdp_results if key in r["refs"])
     assert same0 and same1, f"{key}: ref_model changed"
     assert torch.equal(p0, p1), f"{key}: the ranks' gathered parameters differ"
+    if case[0] != "ft":  # step 1's first micro-batch was text-only (FSDP_TEXT_ONLY)
+        assert f0[1]["text_only_fraction"] == 1 / case[2]
     theta = models()[0]
     named = mark_trainable(theta, patterns(theta))
     start = start_params([n for n, _ in named])
@@ -260,6 +262,7 @@ def test_fsdp_models_wrapped_differently_fail_on_every_rank(fsdp_bad_dir):
         "one_wrapped": "is wrapped by FSDP2 (fully_shard) but ref_model is not",
         "dp_on_fsdp": "use distributed='fsdp'",
         "fsdp_unwrapped": "shard_models",
+        "mixed_text_only": "1 of 2 ranks have a text-only one",
     }
     for rank in range(WORLD):
         msgs = json.loads((tmp_path / f"fsdp_bad-{rank}.json").read_text())

@@ -23,7 +23,8 @@ the losses summed over the ranks; after a failed backward, :meth:`discard`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,10 +51,6 @@ class GradExchange:
     local_ranges: list[tuple[int, int]] | None = None
     """This rank's ``[lo, hi)`` of each trainable parameter's flat elements where a rank
     holds shards (FSDP2); None where every rank holds whole parameters."""
-    uniform_backward = False
-    """True when every rank must run the same backward calls in every micro-batch
-    (FSDP2: each backward reduce-scatters); a micro-batch that would skip the ``h``
-    backward must then run it on a zero loss instead."""
 
     def __init__(
         self,
@@ -82,6 +79,9 @@ class GradExchange:
         return [fg for fg in (self.theta, self.phi) if fg is not None]
 
     # ------------------------------------------------------------------ per micro-batch
+
+    def check_micro_batch(self, visual: Any, model: nn.Module, batch: Mapping[str, Any]) -> None:
+        """Before a micro-batch's forward: raise where the ranks cannot run it together."""
 
     def before_backward(self, kind: str, last: bool) -> None:
         """Called before each backward into buffer ``kind`` (after its ``.grad`` are pointed);

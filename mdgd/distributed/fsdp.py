@@ -20,15 +20,18 @@ in phi is a ``DTensor`` sharded on dim 0 with the same local shape on each rank.
 * FSDP2 averages over the ranks (its default divide factor), so the direction
   is scaled by ``1 / micro-batches`` only.
 
-Assumption: every rank runs the same backward calls in every micro-batch
-(each backward reduce-scatters, a collective). A micro-batch without image
-tokens must therefore still run the ``h`` backward (of a zero loss) under FSDP2
-(:attr:`FSDPExchange.uniform_backward`).
+Every rank must run the same modules in every micro-batch: each FSDP2 unit
+all-gathers in forward and reduce-scatters in backward, both collectives. A
+micro-batch with no image token skips the vision tower, the projector and the
+``h`` backward, so under FSDP2 the ranks' micro-batches must be text-only
+together or not at all (as LLaVA's modality-grouped sampler makes them);
+:meth:`FSDPExchange.check_micro_batch` raises the same ValueError on every rank
+otherwise, instead of a collective mismatch or a hang.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +40,7 @@ from torch import nn
 import mdgd_kernels
 from mdgd_kernels.coeffs import coefficients
 
+from ..batches import is_text_only
 from ..buffers import is_dtensor, local_tensor
 from ..config import MDGDConfig
 from .common import Collectives, canonical_name, fingerprint, is_fsdp
@@ -48,7 +52,6 @@ class FSDPExchange(GradExchange):
 
     mode = "fsdp"
     supports_scaler = False
-    uniform_backward = True
 
     def __init__(
         self,
@@ -94,6 +97,19 @@ class FSDPExchange(GradExchange):
         return r0 * cols, r1 * cols
 
     # ------------------------------------------------------------------ per micro-batch
+
+    def check_micro_batch(self, visual: Any, model: nn.Module, batch: Mapping[str, Any]) -> None:
+        """Text-only on every rank or on none (module doc); one tiny all-reduce."""
+        flag = torch.tensor([float(is_text_only(visual, model, batch))], device=self.device)
+        text_only = int(self.comm.all_reduce(flag, "all-reduce of the text-only flags").item())
+        if 0 < text_only < self.world:
+            raise ValueError(
+                f"under FSDP2 the ranks' micro-batches must all have images or all be "
+                f"text-only, but {text_only} of {self.world} ranks have a text-only one: each "
+                "rank would run other FSDP2 collectives (the vision tower's). Group the "
+                "samples by modality across ranks (LLaVA's group_by_modality_length does), or "
+                "use distributed='dp'"
+            )
 
     def before_backward(self, kind: str, last: bool) -> None:
         """Every backward reduce-scatters: FSDP2's no-sync would mix g and h."""
