@@ -29,12 +29,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-LLaVA builder shared with the tests
 
 
 def _resident_bytes() -> int:
@@ -43,9 +39,8 @@ def _resident_bytes() -> int:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from llava_tiny import random_batch, tiny_llava
-
     from mdgd import ImageTokenHidden, llava_trainable_patterns, mark_trainable, recompute_layers
+    from mdgd.testing import random_batch, tiny_llava
 
     torch.set_num_threads(1)
     device = torch.device(args.device)

@@ -11,7 +11,7 @@ Rows (each in fresh subprocesses, so that its peak memory is its own; with
 * ``mdgd``: MDGD with the fused op (``mdgd_kernels.mdgd_direction_``, the
   automatic backend: C++ on CPU, Triton/CUDA on GPUs);
 * ``mdgd-per-tensor``: MDGD with the per-tensor reference op a user writes by
-  hand (``mdgd.reference.per_tensor_direction_``, a Python loop of float32
+  hand (``mdgd_kernels.reference.per_tensor_direction_``, a Python loop of float32
   ``torch.dot``/``add_`` per parameter, a host sync per tensor);
 * ``mdgd-recompute``: MDGD that recomputes both forwards for the ``L_v``
   backward instead of retaining the graph of the first backward (the design
@@ -57,7 +57,6 @@ import torch.distributed as dist
 from mdgd.bench import _machine, _sync
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the tiny-LLaVA builder shared with the tests
 
 MODES = ("ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute")
 DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
@@ -68,8 +67,8 @@ DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
 
 def engine_class(mode: str):
     from mdgd import MDGDEngine
-    from mdgd.reference import per_tensor_direction_
     from mdgd.visual import visual_l1
+    from mdgd_kernels.reference import per_tensor_direction_
 
     if mode in ("ft", "mdgd", *DIST_MODES):
         return MDGDEngine
@@ -145,9 +144,8 @@ def _p20_p80(xs: list[float]) -> tuple[float, float]:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from llava_tiny import perturbed_copy, random_batch, tiny_llava
-
     from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable, shard_models
+    from mdgd.testing import perturbed_copy, random_batch, tiny_llava
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,8 +1,7 @@
 // Shared by every compiled backend of the two mdgd:: ops: the shapes of the
-// statistics and coefficient tables, the input guards, and the CPU kernels'
-// declarations (used by ops.cpp to register them).
+// statistics and coefficient tables, and the input guards.
 //
-// The guards are TORCH_CHECKs only: the Python layer (mdgd_kernels/__init__.py)
+// The guards are TORCH_CHECKs only: the Python layer (mdgd_kernels/ops.py)
 // already raises a ValueError naming the argument for every user error, so a
 // failure here means the op was called directly with malformed tables.
 //
@@ -16,7 +15,7 @@
 
 namespace mdgd {
 
-// Columns of segment_gram's [S, 10] output, spec section 3:
+// Columns of segment_gram's [S, 10] output, docs/math.md section 3:
 // 0 gt.gt 1 gt.ht 2 ht.ht 3 gp.gp 4 gp.hp 5 hp.hp 6 gt.gp 7 gt.hp 8 ht.gp 9 ht.hp
 constexpr int64_t kGramCols = 10;
 // Columns of a chunk-table row: segment id, first element, length.
@@ -106,26 +105,4 @@ inline void check_combine_args(
   check_table(op, "coeffs", coeffs, g_theta, 2, kCoeffCols, at::kFloat);
 }
 
-namespace cpu {
-
-// Pass 1: float32 [S, 10] Gram statistics (csrc/cpu/segment_gram.cpp).
-at::Tensor segment_gram(
-    const at::Tensor& g_theta,
-    const at::Tensor& h_theta,
-    const at::Tensor& g_phi,
-    const at::Tensor& h_phi,
-    const at::Tensor& chunks,
-    const at::Tensor& chunk_ptr);
-
-// Pass 2: g_theta <- c1*gt + c2*ht + c3*gp + c4*hp per segment, in place
-// (csrc/cpu/segment_combine.cpp).
-void segment_combine_(
-    const at::Tensor& g_theta,
-    const at::Tensor& h_theta,
-    const at::Tensor& g_phi,
-    const at::Tensor& h_phi,
-    const at::Tensor& chunks,
-    const at::Tensor& coeffs);
-
-} // namespace cpu
 } // namespace mdgd

@@ -1,22 +1,16 @@
-// The extension module mdgd_kernels._C: registers the CPU kernels of the two
-// mdgd:: ops with the dispatcher.
+// The extension module mdgd_kernels._C.
 //
-// The schemas are defined once, in Python (mdgd_kernels/_ops.py, with the
-// composed-torch kernel as the CompositeExplicitAutograd default and the fake
-// kernels for torch.compile); C++ only adds implementations, for the CPU key
-// here and for the CUDA key in csrc/cuda/*.cu. The dispatcher accepts an
+// The schemas of the two mdgd:: ops are defined once, in Python
+// (mdgd_kernels/_ops.py, with the composed-torch kernel as the
+// CompositeExplicitAutograd default and the fake kernels for torch.compile);
+// C++ only adds implementations, each backend file registering its own with
+// TORCH_LIBRARY_IMPL: csrc/cpu/segment_gram.cpp and segment_combine.cpp for the
+// CPU key, csrc/cuda/mdgd_cuda.cu for the CUDA key. The dispatcher accepts an
 // implementation before its schema, so the import order does not matter.
 //
 // The Python module itself exposes nothing but built_with_cuda(): the kernels
 // are reached through torch.ops.mdgd.*, never as bare pybind11 functions.
 #include <torch/extension.h>
-
-#include "mdgd_common.h"
-
-TORCH_LIBRARY_IMPL(mdgd, CPU, m) {
-  m.impl("segment_gram", &mdgd::cpu::segment_gram);
-  m.impl("segment_combine_", &mdgd::cpu::segment_combine_);
-}
 
 namespace {
 

@@ -10,14 +10,14 @@ on the same machine and in the same process:
   plus ``cuda`` when built);
 * the composed-torch backend (``backend="torch"``);
 * the per-tensor reference a user writes by hand (a Python loop of ``torch.dot``
-  and ``add_`` in float32, :func:`mdgd.reference.per_tensor_direction_`);
+  and ``add_`` in float32, :func:`mdgd_kernels.reference.per_tensor_direction_`);
 * ``torch.compile`` of that per-tensor function (one dynamic-shape graph, called
   per tensor).
 
 Workloads: ``llava-layer``, the gradient of one LLaVA-1.5-7B decoder layer
 (q, k, v, o 4096x4096; gate, up 11008x4096; down 4096x11008; two 4096 norms:
 202M elements per buffer), and ``small``, 2,000 small tensors (64 to 8,192
-elements). GB/s is counted at the spec's traffic budget: pass 1 reads the four
+elements). GB/s is counted at the traffic budget of docs/math.md §9: pass 1 reads the four
 buffers (4eN bytes for e-byte elements), pass 2 reads four and writes one (5eN),
 so the whole op is 9eN (18N for bf16), whatever the implementation really moves.
 
@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 import mdgd_kernels as mk
-from mdgd.reference import per_tensor_direction_
+from mdgd_kernels.backends import kernels
+from mdgd_kernels.reference import per_tensor_direction_
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -250,7 +251,7 @@ def bench_workload(
     )
 
     def fused(backend: str) -> None:
-        gram, combine = mk._kernels(backend)
+        gram, combine = kernels(backend)
         add(f"fused[{backend}] pass1", lambda: gram(*cur(), layout.chunks, layout.chunk_ptr), 4)
         stats = gram(*cur(), layout.chunks, layout.chunk_ptr)
         coef = mk.coefficients(stats, layout.sizes_t, mode="mdgd").coeffs
@@ -319,8 +320,9 @@ def _print_table(report: Report) -> None:
             f"{r.speedup_vs_per_tensor:7.1f}x"
         )
     print(
-        "GB/s counted at the spec's budget (pass 1: 4 reads, pass 2: 4 reads + 1 write, "
-        "whole op: 9 element-passes); speedup vs the per-tensor float32 loop."
+        "GB/s counted at the budget of docs/math.md §9 (pass 1: 4 reads, "
+        "pass 2: 4 reads + 1 write, whole op: 9 element-passes); "
+        "speedup vs the per-tensor float32 loop."
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from torch import nn
 
@@ -26,7 +27,7 @@ DISTRIBUTED = ("auto", "none", "dp", "fsdp")
 
 @dataclass(frozen=True)
 class MDGDConfig:
-    """What one MDGD step computes (spec sections 1 and 5-7).
+    """What one MDGD step computes (docs/math.md §1 and §5-8).
 
     Args:
         mode: ``"mdgd"`` (Eq. 10), ``"gm"`` (MDGD-GM, Eq. 12) or ``"ft"`` (plain
@@ -119,6 +120,21 @@ class MDGDConfig:
                     re.compile(pat)
                 except re.error as e:
                     raise ValueError(f"trainable pattern {pat!r} is not a regex: {e}") from e
+
+    def op_kwargs(self) -> dict[str, Any]:
+        """The direction's settings as keyword arguments of the ops.
+
+        One path from the config to :func:`mdgd_kernels.mdgd_direction_`,
+        :func:`mdgd_kernels.coefficients` and the float64 oracle
+        (``mode``, ``alpha``, ``align``, ``alpha_by``, ``eps``).
+        """
+        return {
+            "mode": self.mode,
+            "alpha": self.alpha,
+            "align": self.align,
+            "alpha_by": self.alpha_by,
+            "eps": self.eps,
+        }
 
     @property
     def block_size(self) -> int | None:

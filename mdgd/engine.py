@@ -4,7 +4,7 @@
     figures = engine.step(batch)                  # or: engine.backward(mb) per micro-batch,
                                                   #     then engine.step()
 
-Per micro-batch (spec section 1):
+Per micro-batch (docs/math.md §1):
 
 1. forward theta and phi (``ref_model``) on the batch with hidden states; ``L_vl``
    of each from the labels, ``L_v = visual_weight * mean|pi_phi - pi_theta|`` over
@@ -403,7 +403,9 @@ class MDGDEngine:
         self.last_result = res
 
         # modality gradient conflict per parameter: Gram entries add over a parameter's blocks
-        st = res.stats[:, :3].double()
+        st = torch.stack(
+            mdgd_kernels.stat_columns(res.stats, "gt.gt", "gt.ht", "ht.ht"), 1
+        ).double()
         if self._global:
             per_param = st
         else:

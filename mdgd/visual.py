@@ -38,7 +38,7 @@ class VisualHook(Protocol):
 
 
 class ImageTokenHidden:
-    """``outputs.hidden_states[layer]`` at the image-token positions (spec section 1)."""
+    """``outputs.hidden_states[layer]`` at the image-token positions (docs/math.md §1)."""
 
     def __init__(self, layer: int = -1, image_token_id: int | None = None) -> None:
         self.layer = layer

@@ -6,38 +6,51 @@ Public API::
     res = mdgd_direction_(g_theta, h_theta, g_phi, h_phi, sizes, mode="mdgd")
     # g_theta now holds the direction d; res.cos, res.k, res.mask, res.skipped
 
-The math is fixed in the project's spec (``mdgd-math.md``) and written out in
-float64 in :mod:`mdgd.reference`. Backends: ``"triton"`` and ``"cuda"`` (CUDA
-tensors), ``"cpu"`` (the C++ extension), ``"torch"`` (composed torch ops, any
-device). ``backend=None`` picks the best available one for the tensors' device;
-the environment variable ``MDGD_BACKEND`` overrides that choice.
+The math and the op contract are stated in ``docs/math.md`` and written out in
+float64 in :mod:`mdgd_kernels.reference`. This module only re-exports:
+
+* :mod:`mdgd_kernels.ops`: the public ops, their argument checks, ``MDGDResult``;
+* :mod:`mdgd_kernels.backends`: which backend runs (``"triton"``, ``"cuda"``,
+  ``"cpu"``, ``"torch"``; ``backend=None`` picks the best available one for the
+  tensors' device, the environment variable ``MDGD_BACKEND`` overrides it);
+* :mod:`mdgd_kernels.coeffs`: the statistics order, the coefficients, the mask;
+* :mod:`mdgd_kernels.layout`: the cached segment layout and chunk table.
 """
 
-from __future__ import annotations
-
-import os
-import warnings
-from collections.abc import Sequence
-from typing import NamedTuple
-
-import torch
-
-from . import _ext, _ops, torch_backend  # noqa: F401  (_ops registers the torch.library ops)
+from .backends import BACKENDS, available_backends, resolve_backend
 from .coeffs import (
     ALPHA_BY,
     DEFAULT_EPS,
     MASKED,
     MODES,
+    STAT_NAMES,
     Coefficients,
     coefficients,
+    stat_columns,
     top_alpha_mask,
 )
 from .layout import CHUNK, SegmentLayout, get_layout
+from .ops import (
+    DTYPES,
+    NONFINITE,
+    MDGDResult,
+    mdgd_direction_,
+    segment_combine_,
+    segment_gram,
+)
 
 __all__ = [
+    "ALPHA_BY",
     "BACKENDS",
     "CHUNK",
+    "DEFAULT_EPS",
+    "DTYPES",
+    "MASKED",
     "MDGDResult",
+    "MODES",
+    "NONFINITE",
+    "STAT_NAMES",
+    "Coefficients",
     "SegmentLayout",
     "available_backends",
     "coefficients",
@@ -46,321 +59,6 @@ __all__ = [
     "resolve_backend",
     "segment_combine_",
     "segment_gram",
+    "stat_columns",
     "top_alpha_mask",
 ]
-
-BACKENDS = ("triton", "cuda", "cpu", "torch")
-DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-NONFINITE = ("raise", "skip")
-STAT_NAMES = (
-    "gt.gt",
-    "gt.ht",
-    "ht.ht",
-    "gp.gp",
-    "gp.hp",
-    "hp.hp",
-    "gt.gp",
-    "gt.hp",
-    "ht.gp",
-    "ht.hp",
-)
-
-
-class MDGDResult(NamedTuple):
-    """What :func:`mdgd_direction_` measured, one entry per segment, on the device."""
-
-    cos: torch.Tensor  # float32 [S]: cosine of gbar_theta and gbar_phi (Eq. 11)
-    k: torch.Tensor  # float32 [S]: projection coefficient (Eq. 9)
-    mask: torch.Tensor  # bool [S]: selected segments (gm), all True otherwise
-    skipped: torch.Tensor  # bool []: non-finite input, buffers left untouched
-    stats: torch.Tensor  # float32 [S, 10]: the Gram statistics of pass 1
-    s_theta: torch.Tensor  # float32 [S]: gt.ht / ht.ht (Eq. 8)
-    s_phi: torch.Tensor  # float32 [S]: gp.hp / hp.hp (Eq. 7)
-
-    @classmethod
-    def of(cls, coef: Coefficients, stats: torch.Tensor) -> MDGDResult:
-        """The result of a step whose statistics gave the coefficients ``coef``."""
-        return cls(
-            cos=coef.cos,
-            k=coef.k,
-            mask=coef.mask,
-            skipped=coef.skipped,
-            stats=stats,
-            s_theta=coef.s_theta,
-            s_phi=coef.s_phi,
-        )
-
-
-# --------------------------------------------------------------------------- backends
-
-_warned_fallback = False
-
-
-def _triton_module():
-    from . import triton as triton_backend  # imports triton lazily
-
-    return triton_backend
-
-
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on ``device`` in this process."""
-    device = torch.device(device)
-    names = []
-    if device.type == "cuda" or _triton_interpret():
-        try:
-            if _triton_module().available:
-                names.append("triton")
-        except ImportError:
-            pass
-    if device.type == "cuda" and _ext.cuda_available:
-        names.append("cuda")
-    if device.type == "cpu" and _ext.available:
-        names.append("cpu")
-    names.append("torch")
-    return names
-
-
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend that runs for tensors on ``device`` (explicit, env var, or automatic)."""
-    global _warned_fallback
-    name = backend or os.environ.get("MDGD_BACKEND") or None
-    if name is None:
-        if device.type == "cuda":
-            for cand in ("triton", "cuda"):
-                if cand in available_backends(device):
-                    return cand
-            return "torch"
-        if device.type == "cpu":
-            if _ext.available:
-                return "cpu"
-            if not _warned_fallback:
-                _warned_fallback = True
-                warnings.warn(
-                    "mdgd: the compiled CPU kernels (mdgd_kernels._C) did not load "
-                    f"({_ext.error}); falling back to the slower composed-torch backend. To get "
-                    f"them, {_ext.REBUILD}.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        return "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    if name == "cpu":
-        _ext.require("cpu")
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    elif name == "cuda":
-        _ext.require("cuda")
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-    elif name == "triton":
-        mod = _triton_module()
-        if not mod.available:
-            raise RuntimeError(f"backend='triton' is unavailable: {mod.error}") from mod.error
-        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpret()):
-            raise ValueError(
-                f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), "
-                f"got tensors on {device}"
-            )
-    return name
-
-
-def _kernels(name: str):
-    if name == "torch":
-        return torch.ops.mdgd.segment_gram_torch, torch.ops.mdgd.segment_combine_torch_
-    if name == "triton":
-        mod = _triton_module()
-        return mod.segment_gram, mod.segment_combine_
-    return torch.ops.mdgd.segment_gram, torch.ops.mdgd.segment_combine_
-
-
-# --------------------------------------------------------------------------- checks
-
-_ARG_NAMES = ("g_theta", "h_theta", "g_phi", "h_phi")
-
-
-def _check(buffers: Sequence[torch.Tensor], sizes) -> SegmentLayout:
-    for name, buf in zip(_ARG_NAMES, buffers):
-        if not isinstance(buf, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(buf).__name__}")
-        if buf.dim() != 1:
-            raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(buf.shape)}")
-        if not buf.is_contiguous():
-            raise ValueError(f"{name} must be contiguous; call .contiguous() on it first")
-        if buf.dtype not in DTYPES:
-            raise ValueError(f"{name} has dtype {buf.dtype}; supported: bfloat16, float16, float32")
-    ref = buffers[0]
-    for name, buf in zip(_ARG_NAMES[1:], buffers[1:]):
-        if buf.dtype != ref.dtype:
-            raise ValueError(f"{name} has dtype {buf.dtype} but g_theta has {ref.dtype}")
-        if buf.device != ref.device:
-            raise ValueError(f"{name} is on {buf.device} but g_theta is on {ref.device}")
-        if buf.numel() != ref.numel():
-            raise ValueError(f"{name} has {buf.numel():,} elements but g_theta has {ref.numel():,}")
-    layout = get_layout(sizes, ref.device)
-    if layout.device != ref.device:
-        raise ValueError(
-            f"sizes is a layout on {layout.device} but the buffers are on {ref.device}"
-        )
-    if layout.numel != ref.numel():
-        raise ValueError(f"g_theta has {ref.numel():,} elements but sizes sum to {layout.numel:,}")
-    return layout
-
-
-# --------------------------------------------------------------------------- public ops
-
-
-def segment_gram(
-    g_theta: torch.Tensor,
-    h_theta: torch.Tensor,
-    g_phi: torch.Tensor,
-    h_phi: torch.Tensor,
-    sizes: Sequence[int] | SegmentLayout,
-    *,
-    backend: str | None = None,
-) -> torch.Tensor:
-    """Pass 1: the ``[S, 10]`` float32 Gram statistics of every segment.
-
-    Columns, in order: ``gt.gt gt.ht ht.ht gp.gp gp.hp hp.hp gt.gp gt.hp ht.gp ht.hp``
-    (see ``STAT_NAMES``). Products accumulate in float32 per chunk and chunks are
-    combined in a fixed order, so repeated calls give identical bits.
-    """
-    buffers = (g_theta, h_theta, g_phi, h_phi)
-    layout = _check(buffers, sizes)
-    gram, _ = _kernels(resolve_backend(backend, g_theta.device))
-    return gram(*buffers, layout.chunks, layout.chunk_ptr)
-
-
-def segment_combine_(
-    g_theta: torch.Tensor,
-    h_theta: torch.Tensor,
-    g_phi: torch.Tensor,
-    h_phi: torch.Tensor,
-    sizes: Sequence[int] | SegmentLayout,
-    coeffs: torch.Tensor,
-    *,
-    backend: str | None = None,
-) -> None:
-    """Pass 2 alone: ``g_theta = c1*gt + c2*ht + c3*gp + c4*hp`` per segment, in place.
-
-    ``coeffs`` is the ``[S, 4]`` float32 table of :func:`coefficients` (one row per
-    segment of ``sizes``, on the buffers' device). A zero coefficient means that
-    buffer is not read; a row ``(1, 0, 0, 0)`` leaves the segment untouched. Used
-    where the statistics come from elsewhere, e.g. summed over the ranks of a
-    sharded run (:mod:`mdgd.distributed`).
-    """
-    buffers = (g_theta, h_theta, g_phi, h_phi)
-    layout = _check(buffers, sizes)
-    if not isinstance(coeffs, torch.Tensor) or coeffs.dtype != torch.float32:
-        raise ValueError(f"coeffs must be a float32 tensor, got {getattr(coeffs, 'dtype', coeffs)}")
-    if tuple(coeffs.shape) != (layout.num_segments, 4):
-        raise ValueError(
-            f"coeffs has shape {tuple(coeffs.shape)} but there are {layout.num_segments} "
-            "segments: expected [S, 4]"
-        )
-    if coeffs.device != g_theta.device:
-        raise ValueError(f"coeffs is on {coeffs.device} but g_theta is on {g_theta.device}")
-    _, combine = _kernels(resolve_backend(backend, g_theta.device))
-    combine(*buffers, layout.chunks, coeffs.contiguous())
-
-
-def mdgd_direction_(
-    g_theta: torch.Tensor,
-    h_theta: torch.Tensor,
-    g_phi: torch.Tensor,
-    h_phi: torch.Tensor,
-    sizes: Sequence[int] | SegmentLayout,
-    *,
-    mode: str = "mdgd",
-    alpha: float = 0.1,
-    align: bool = True,
-    alpha_by: str = "elements",
-    nonfinite: str = "raise",
-    eps: float = DEFAULT_EPS,
-    backend: str | None = None,
-    names: Sequence[str] | None = None,
-    masked: str = "zero",
-    scale: float = 1.0,
-) -> MDGDResult:
-    """Write the MDGD update direction into ``g_theta`` in place (two passes).
-
-    Args:
-        g_theta, h_theta, g_phi, h_phi: flat, contiguous gradient buffers of one
-            dtype (bf16/fp16/fp32), device and length.
-        sizes: segment sizes summing to the buffer length (one per parameter
-            tensor by default in the driver), or a cached :class:`SegmentLayout`.
-        mode: ``"mdgd"`` (Eq. 10), ``"gm"`` (MDGD-GM, Eq. 12) or ``"ft"`` (plain
-            fine-tuning: ``g_theta`` is left as it is).
-        alpha: fraction in (0, 1] kept by ``gm``, counted by ``alpha_by``
-            (``"elements"`` or ``"segments"``).
-        align: include the visual-alignment gradient ``h_theta`` (False is the
-            paper's "w/o visual align").
-        nonfinite: ``"raise"`` raises ``FloatingPointError`` naming the first
-            segment with NaN/Inf, before anything is written (one host sync);
-            ``"skip"`` leaves every buffer untouched and sets ``result.skipped``
-            on the device (no host sync). Under ``torch.compile(fullgraph=True)``
-            use ``"skip"`` and a :class:`SegmentLayout`: the host sync of
-            ``"raise"`` and building a layout from ``sizes`` break the graph.
-        eps: relative threshold under which a projected norm is degenerate.
-        backend: ``"triton"``, ``"cuda"``, ``"cpu"``, ``"torch"`` or None (auto).
-        names: optional segment names, used in error messages.
-        masked: what ``gm`` writes into the segments its mask drops: ``"zero"``
-            (Eq. 12, ``d = 0``) or ``"keep"`` (nothing: they are neither read
-            nor written and keep ``g_theta``, so pass 2 touches only the selected
-            segments). ``"keep"`` is for callers that discard those segments'
-            gradients anyway, as the driver does with ``grad = None``.
-        scale: multiplies the direction, at no extra traffic (pass 2 applies it;
-            e.g. ``1 / micro_batches`` to turn summed gradients into the mean).
-            With ``mode="ft"`` and ``scale != 1``, pass 2 runs to apply it.
-    """
-    if masked not in MASKED:
-        raise ValueError(f"masked must be one of {MASKED}, got {masked!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if alpha_by not in ALPHA_BY:
-        raise ValueError(f"alpha_by must be one of {ALPHA_BY}, got {alpha_by!r}")
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
-    if not 0.0 < float(alpha) <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-    buffers = (g_theta, h_theta, g_phi, h_phi)
-    layout = _check(buffers, sizes)
-    if names is not None and len(names) != layout.num_segments:
-        raise ValueError(
-            f"names has {len(names)} entries but there are {layout.num_segments} segments"
-        )
-    gram, combine = _kernels(resolve_backend(backend, g_theta.device))
-
-    stats = gram(*buffers, layout.chunks, layout.chunk_ptr)
-    coef = coefficients(
-        stats,
-        layout.sizes_t,
-        mode=mode,
-        alpha=alpha,
-        align=align,
-        alpha_by=alpha_by,
-        eps=eps,
-        masked=masked,
-        scale=scale,
-    )
-    if nonfinite == "raise" and bool(coef.skipped):  # the one host sync of "raise"
-        _raise_nonfinite(coef.nonfinite, layout, names)
-    if mode != "ft" or scale != 1.0:
-        combine(*buffers, layout.chunks, coef.coeffs)
-    return MDGDResult.of(coef, stats)
-
-
-def _raise_nonfinite(flags: torch.Tensor, layout: SegmentLayout, names) -> None:
-    bad = torch.nonzero(flags).flatten().tolist()
-    s = bad[0]
-    lo, hi = layout.segment_range(s)
-    what = f"segment {s}" + (f" ({names[s]})" if names is not None else "")
-    more = f" and {len(bad) - 1} more segment(s)" if len(bad) > 1 else ""
-    raise FloatingPointError(
-        f"non-finite gradient (NaN or Inf) in {what}, elements {lo:,}..{hi:,}{more}; "
-        "nothing was written. Pass nonfinite='skip' to skip such steps instead."
-    )

@@ -1,14 +1,14 @@
 """Per-segment coefficients and the top-alpha mask, from the ``[S, 10]`` statistics.
 
-This is the small step between the two passes (spec sections 4 to 6). It runs as
+This is the small step between the two passes (docs/math.md §4-6). It runs as
 a handful of torch ops on ``[S]``-sized tensors on the buffers' device, in
 float64 (``S`` is at most a few thousand, so precision is free), with no host
 synchronisation. Every backend shares it, so the backends differ only in the
 two memory-bound passes.
 
-Statistics columns (spec section 3)::
-
-    0 gt.gt  1 gt.ht  2 ht.ht  3 gp.gp  4 gp.hp  5 hp.hp  6 gt.gp  7 gt.hp  8 ht.gp  9 ht.hp
+Statistics columns (docs/math.md §3): ``STAT_NAMES`` below, the one definition of
+their order (``tests/test_stats_order.py`` checks the C++, CUDA and Triton kernels
+against it).
 
 The combine pass computes ``d = c1*gt + c2*ht + c3*gp + c4*hp`` per segment from
 the ``[S, 4]`` float32 table returned here. A coefficient that is exactly 0 means
@@ -28,6 +28,20 @@ MODES = ("mdgd", "gm", "ft")
 ALPHA_BY = ("elements", "segments")
 MASKED = ("zero", "keep")
 DEFAULT_EPS = 1e-6
+# The columns of pass 1's [S, 10] statistics, in order (gt = g_theta, ht = h_theta,
+# gp = g_phi, hp = h_phi).
+STAT_NAMES = (
+    "gt.gt",
+    "gt.ht",
+    "ht.ht",
+    "gp.gp",
+    "gp.hp",
+    "hp.hp",
+    "gt.gp",
+    "gt.hp",
+    "ht.gp",
+    "ht.hp",
+)
 
 
 class Coefficients(NamedTuple):
@@ -39,6 +53,11 @@ class Coefficients(NamedTuple):
     mask: torch.Tensor  # bool [S], Eq. 11 (all True outside gm)
     nonfinite: torch.Tensor  # bool [S]: the segment's statistics are NaN/Inf
     skipped: torch.Tensor  # bool []: the whole step is left untouched
+
+
+def stat_columns(stats: torch.Tensor, *names: str) -> list[torch.Tensor]:
+    """The named columns of an ``[S, 10]`` statistics table, e.g. ``"gt.ht"``."""
+    return [stats[:, STAT_NAMES.index(name)] for name in names]
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -78,7 +97,7 @@ def coefficients(
     masked: str = "zero",
     scale: float = 1.0,
 ) -> Coefficients:
-    """Coefficients of every segment from its Gram statistics (spec sections 4-6).
+    """Coefficients of every segment from its Gram statistics (docs/math.md §4-6).
 
     ``scale`` multiplies every row, i.e. the direction (the driver's average over
     micro-batches and ranks, folded into pass 2 instead of a separate pass over
@@ -87,7 +106,9 @@ def coefficients(
     ``(1, 0, 0, 0)`` instead of zeros: pass 2 then skips them entirely.
     """
     st = stats.to(torch.float64)
-    gtgt, gtht, htht, gpgp, gphp, hphp, gtgp, gthp, htgp, hthp = st.unbind(1)
+    gtgt, gtht, htht, gpgp, gphp, hphp, gtgp, gthp, htgp, hthp = stat_columns(
+        st, "gt.gt", "gt.ht", "ht.ht", "gp.gp", "gp.hp", "hp.hp", "gt.gp", "gt.hp", "ht.gp", "ht.hp"
+    )
     s_t = _safe_div(gtht, htht, htht == 0)  # Eq. 8
     s_p = _safe_div(gphp, hphp, hphp == 0)  # Eq. 7
     dot = gtgp - s_p * gthp - s_t * htgp + s_t * s_p * hthp  # gbar_theta . gbar_phi

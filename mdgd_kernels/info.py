@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import mdgd_kernels as mk
-from mdgd_kernels import _ext
+from mdgd_kernels import _ext, backends
 
 
 def _version(dist: str) -> str | None:
@@ -42,7 +42,7 @@ def _triton() -> str:
     version = _version("triton")
     if version is None:
         return "not installed"
-    mod = mk._triton_module()
+    mod = backends.triton_module()
     return version + ("" if mod.available else f" (the triton backend is unusable: {mod.error})")
 
 

@@ -1,6 +1,6 @@
 """Shared test fixtures: the tolerance table, input builders and comparisons.
 
-Every backend is compared with the float64 oracle in :mod:`mdgd.reference` on
+Every backend is compared with the float64 oracle in :mod:`mdgd_kernels.reference` on
 fresh random inputs. Each segment gets its own magnitude (10**U(-3, 3)) so that
 an indexing bug that mixes segments cannot hide inside a tolerance.
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 from hypothesis_profiles import register_profiles
 
-from mdgd.reference import (
+from mdgd_kernels.reference import (
     ReferenceResult,
     reference_direction,
     reference_gram,
@@ -32,7 +32,7 @@ TOL = {
 }
 STATS_RTOL = 2e-5  # statistics: relative to sqrt(a.a * b.b), every dtype (inputs are exact in fp32)
 COS_ATOL = 1e-4  # cos of a well-conditioned segment; see cos_tolerance for the rest
-U32 = 2.0**-24  # float32 unit roundoff: the statistics are float32 (spec section 3)
+U32 = 2.0**-24  # float32 unit roundoff: the statistics are float32 (docs/math.md §3)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -169,7 +169,7 @@ def assert_mask_matches(
 ) -> None:
     """The top-alpha mask, exactly.
 
-    It must be the spec's rule applied to the backend's own ``cos`` (compared
+    It must be the rule of docs/math.md §6 applied to the backend's own ``cos`` (compared
     bit for bit), and equal to the oracle's mask on every segment whose oracle
     ``cos`` is farther from the oracle's threshold than its cos tolerance (an
     ill-conditioned segment next to the threshold may rank either way). ``tol``

@@ -41,7 +41,7 @@ def main() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         import mdgd_kernels as mk
-        from mdgd.reference import reference_direction
+        from mdgd_kernels.reference import reference_direction
 
         site = Path(sysconfig.get_paths()["purelib"]).resolve()
         where = Path(mk.__file__).resolve()

@@ -1,7 +1,8 @@
-"""A tiny ``LlavaForConditionalGeneration`` built from a config, and random batches.
+"""Test helpers around the tiny LLaVA of :mod:`mdgd.testing`: a fixture, datasets, args.
 
-No downloads: a CLIP vision tower and a Llama language model with random weights.
-Shared by the driver tests and ``benchmarks/bench_step.py``; other tests may reuse it.
+The model and batch builders live in :mod:`mdgd.testing` (importable without
+pytest, shared with the benchmarks and the demo); they are re-exported here so
+that tests import everything tiny-LLaVA from one place.
 
     model = tiny_llava(seed=0)
     ref = copy.deepcopy(model)
@@ -10,117 +11,19 @@ Shared by the driver tests and ``benchmarks/bench_step.py``; other tests may reu
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-IMAGE_TOKEN_ID = 3
-PAD_ID, BOS_ID = 0, 1
-
-
-def tiny_llava_config(
-    *,
-    image_size: int = 16,
-    patch_size: int = 8,
-    vision_hidden: int = 32,
-    vision_layers: int = 1,
-    text_hidden: int = 32,
-    text_layers: int = 3,
-    heads: int = 2,
-    vocab_size: int = 64,
-    tie_word_embeddings: bool = False,
-    attention_dropout: float = 0.0,
-):
-    """A ``LlavaConfig`` with ``(image_size // patch_size) ** 2`` image tokens per image."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=patch_size,
-        num_channels=3,
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=128,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=2,
-        tie_word_embeddings=tie_word_embeddings,
-        attention_dropout=attention_dropout,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_TOKEN_ID,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
-
-
-def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
-    """A random ``LlavaForConditionalGeneration`` (deterministic in ``seed``)."""
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(**config_kwargs))
-    model.config.use_cache = False
-    return model.to(dtype)
-
-
-def num_image_tokens(config) -> int:
-    vc = config.vision_config
-    return (vc.image_size // vc.patch_size) ** 2
-
-
-def random_batch(
-    config, batch_size: int = 2, text_len: int = 6, seed: int = 0, device="cpu"
-) -> dict[str, torch.Tensor]:
-    """``<bos> <image>*n  text...`` with labels on the text tokens only (-100 elsewhere)."""
-    gen = torch.Generator().manual_seed(seed)
-    n_img = num_image_tokens(config)
-    vocab = config.text_config.vocab_size
-    text = torch.randint(IMAGE_TOKEN_ID + 1, vocab, (batch_size, text_len), generator=gen)
-    ids = torch.cat(
-        [
-            torch.full((batch_size, 1), BOS_ID),
-            torch.full((batch_size, n_img), IMAGE_TOKEN_ID),
-            text,
-        ],
-        dim=1,
-    )
-    labels = ids.clone()
-    labels[:, : 1 + n_img] = -100
-    vc = config.vision_config
-    pixels = torch.randn(batch_size, 3, vc.image_size, vc.image_size, generator=gen)
-    batch = {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": pixels,
-        "labels": labels,
-    }
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-@torch.no_grad()
-def perturbed_copy(model, scale: float = 0.02, seed: int = 0):
-    """A deep copy of ``model`` with every parameter perturbed (so that L_v != 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = copy.deepcopy(model)
-    for p in out.parameters():
-        p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
-    return out
+from mdgd.testing import (  # noqa: F401  (re-exported for the tests)
+    BOS_ID,
+    IMAGE_TOKEN_ID,
+    PAD_ID,
+    num_image_tokens,
+    perturbed_copy,
+    random_batch,
+    tiny_llava,
+    tiny_llava_config,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
 over the micro-batches, with the rules of a LLaVA data mix written out plainly:
 a micro-batch with no image token has ``L_v = 0`` (no ``h``), one with every label
 -100 has ``L_vl = 0`` (no ``g``). The tests then apply the float64 reference
-direction (``mdgd.reference``) by hand.
+direction (``mdgd_kernels.reference``) by hand.
 """
 
 from __future__ import annotations

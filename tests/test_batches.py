@@ -24,7 +24,7 @@ from test_engine import assert_update_matches, build, flat_params
 
 from mdgd import FIGURES
 from mdgd.batches import SKIPPED, MicroBatch
-from mdgd.reference import reference_direction
+from mdgd_kernels.reference import reference_direction
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,6 +10,7 @@ from llava_tiny import (
     tiny_llava_config,
 )
 
+import mdgd_kernels
 from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,6 +23,26 @@ def test_defaults_are_the_fixed_interface():
     assert cfg.trainable is None and cfg.backend is None
     assert MDGDConfig(granularity="block:64").block_size == 64
     assert MDGDConfig(trainable=["a", "b"]).to_dict()["trainable"] == ["a", "b"]
+
+
+def test_op_kwargs_carry_the_direction_settings_to_the_op():
+    cfg = MDGDConfig(mode="gm", alpha=0.3, align=False, alpha_by="segments", eps=1e-4)
+    kw = cfg.op_kwargs()
+    assert kw == {"mode": "gm", "alpha": 0.3, "align": False, "alpha_by": "segments", "eps": 1e-4}
+    sizes = [7, 3, 11, 5]
+    gen = torch.Generator().manual_seed(3)
+    bufs = [torch.randn(sum(sizes), generator=gen) for _ in range(4)]
+    got = mdgd_kernels.mdgd_direction_(*[b.clone() for b in bufs], sizes, **kw)
+    want = mdgd_kernels.mdgd_direction_(
+        *[b.clone() for b in bufs],
+        sizes,
+        mode="gm",
+        alpha=0.3,
+        align=False,
+        alpha_by="segments",
+        eps=1e-4,
+    )
+    assert torch.equal(got.mask, want.mask) and torch.equal(got.cos, want.cos)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 The independent side builds the four gradients with ``torch.autograd.grad`` on
 deep copies of the two models, averages them over the micro-batches, computes
-the float64 reference direction (``mdgd.reference.reference_direction``) and
+the float64 reference direction (``mdgd_kernels.reference.reference_direction``) and
 applies plain SGD (lr = 1) by hand: ``theta_1 = theta_0 - d``. The engine's step
 must land on the same parameters, within the op tolerance table of conftest.
 """
@@ -25,7 +25,7 @@ from llava_tiny import (
 from step_oracle import independent
 
 from mdgd import FIGURES, MDGDConfig, MDGDEngine, llava_trainable_patterns, mark_trainable
-from mdgd.reference import reference_direction
+from mdgd_kernels.reference import reference_direction
 
 BLOCK = 100
 
@@ -122,9 +122,7 @@ def test_step_matches_independent_computation(case):
     bufs, losses = independent(o_theta, o_ref, names, batches, cfg)
     sizes = [p.numel() for p in engine.theta.params]
     segs, owner = segment_sizes(sizes, gran)
-    want = reference_direction(
-        *bufs, segs, mode=mode, alpha=cfg.alpha, align=cfg.align, alpha_by=cfg.alpha_by
-    )
+    want = reference_direction(*bufs, segs, **cfg.op_kwargs())
 
     p0 = flat_params(theta, names)
     for b in batches[:-1]:
@@ -191,7 +189,7 @@ def test_gm_leaves_masked_parameters_and_their_moments_alone():
 
 
 def test_theta_equal_phi_gives_twice_g():
-    """At theta == phi, L_v = 0, h = 0, k = 1 and d = 2 g_theta (spec section 1)."""
+    """At theta == phi, L_v = 0, h = 0, k = 1 and d = 2 g_theta (docs/math.md §1)."""
     ref = tiny_llava(seed=0)
     theta = copy.deepcopy(ref)
     pats = trainable_patterns()

@@ -1,8 +1,8 @@
 """The public ops against the float64 oracle, on every backend present on CPU.
 
-The Triton kernels have their own file (test_triton.py: interpreter + AOT) and the
-CUDA sources theirs (test_cuda_build.py); here run the compiled CPU kernels and the
-composed-torch backend, through the public API.
+The Triton kernels have their own files (test_triton_interp.py, test_triton_aot.py,
+test_triton_gpu.py) and the CUDA sources theirs (test_cuda_build.py); here run the
+compiled CPU kernels and the composed-torch backend, through the public API.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from conftest import (
 )
 
 import mdgd_kernels as mk
-from mdgd.reference import reference_top_alpha
 from mdgd_kernels.layout import CHUNK
+from mdgd_kernels.reference import reference_top_alpha
 
 BACKENDS = [b for b in mk.available_backends("cpu") if b != "triton"]
 

@@ -2,7 +2,7 @@
 //
 //   g_theta[i] <- c1*gt[i] + c2*ht[i] + c3*gp[i] + c4*hp[i]     for i in segment s
 //
-// with (c1, c2, c3, c4) = coeffs[s] (float32 [S, 4], spec section 5), computed in
+// with (c1, c2, c3, c4) = coeffs[s] (float32 [S, 4], docs/math.md section 5), computed in
 // float32 and rounded once to the buffers' dtype (bf16, fp16 or fp32).
 // Two rules make masked-out and skipped segments free (mdgd_kernels/coeffs.py):
 //   * a coefficient that is exactly 0 (or -0) means its buffer is not read, so a
@@ -14,9 +14,10 @@
 //
 // One task per chunk; each chunk picks the loop specialised for its set of
 // non-zero coefficients, so a zero coefficient costs neither a load nor an FMA.
-#include "mdgd_cpu_vec.h" // first: selects at::vec's code path
+#include "cpu/vec.h" // first: selects at::vec's code path
 
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <array>
 #include <utility>
@@ -138,3 +139,8 @@ void segment_combine_(
 }
 
 } // namespace mdgd::cpu
+
+// The CPU kernel of mdgd::segment_combine_ (the schema is defined in mdgd_kernels/_ops.py).
+TORCH_LIBRARY_IMPL(mdgd, CPU, m) {
+  m.impl("segment_combine_", &mdgd::cpu::segment_combine_);
+}

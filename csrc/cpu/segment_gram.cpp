@@ -2,7 +2,7 @@
 //
 //   stats[s] = (gt.gt, gt.ht, ht.ht, gp.gp, gp.hp, hp.hp, gt.gp, gt.hp, ht.gp, ht.hp)
 //
-// over the elements of segment s (spec section 3; gt = g_theta, ht = h_theta,
+// over the elements of segment s (docs/math.md section 3; gt = g_theta, ht = h_theta,
 // gp = g_phi, hp = h_phi). Buffers: bf16, fp16 or fp32, widened to float32 in
 // registers; output float32 [S, 10]. Bytes moved: each buffer read once, 4N
 // elements (8N bytes in bf16), plus 40 bytes per chunk of partials.
@@ -11,10 +11,11 @@
 // partials with a fixed instruction order; the partials of a segment are then
 // summed in chunk order in double. No value depends on which thread ran which
 // chunk, so the bits are the same on every run and for every thread count.
-#include "mdgd_cpu_vec.h" // first: selects at::vec's code path
+#include "cpu/vec.h" // first: selects at::vec's code path
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/zeros.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
@@ -185,3 +186,8 @@ at::Tensor segment_gram(
 }
 
 } // namespace mdgd::cpu
+
+// The CPU kernel of mdgd::segment_gram (the schema is defined in mdgd_kernels/_ops.py).
+TORCH_LIBRARY_IMPL(mdgd, CPU, m) {
+  m.impl("segment_gram", &mdgd::cpu::segment_gram);
+}

@@ -1,13 +1,13 @@
 // The CUDA kernels of the two mdgd:: ops, registered for the CUDA dispatch key.
 //
 //   segment_gram:     stats[s] = the 10 Gram entries of (gt, ht, gp, hp) over
-//                     segment s (spec section 3), float32 [S, 10];
+//                     segment s (docs/math.md section 3), float32 [S, 10];
 //   segment_combine_: g_theta <- c1*gt + c2*ht + c3*gp + c4*hp per segment, in
-//                     float32, rounded once to the buffers' dtype (section 5).
+//                     float32, rounded once to the buffers' dtype (docs/math.md section 5).
 //
 // This file is the torch glue only: argument checks, the dtype switch, scratch
 // allocation and the launches on the current stream. The kernels, the equations
-// and the bytes they move are documented in mdgd_kernels.cuh. The schemas are
+// and the bytes they move are documented in kernels.cuh. The schemas are
 // defined in Python (mdgd_kernels/_ops.py); the C++ signatures match the CPU
 // kernels' (all `const at::Tensor&`), as the dispatcher requires of every kernel
 // of one op.
@@ -27,7 +27,7 @@
 #include <cstdint>
 
 #include "mdgd_common.h"
-#include "mdgd_kernels.cuh"
+#include "kernels.cuh"
 
 namespace mdgd {
 namespace cuda {

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..testing import tiny_llava
+
 SPECIAL = ["<pad>", "<bos>", "<eos>", "<image>", "?"]
 QUESTION_WORDS = ["what", "digit", "colour", "shape", "how", "many", "where", "is", "odd", "any"]
 DIGITS = [str(i) for i in range(10)]
@@ -36,7 +38,7 @@ def encode(words: list[str]) -> list[int]:
 
 @dataclass(frozen=True)
 class ModelSize:
-    """The knobs of the small LLaVA; everything else is fixed in :func:`build_config`."""
+    """The knobs of the small LLaVA; everything else is fixed in :func:`_knobs`."""
 
     image_size: int = 32
     patch_size: int = 8
@@ -54,51 +56,23 @@ class ModelSize:
         return asdict(self)
 
 
-def build_config(size: ModelSize):
-    """A ``LlavaConfig`` with a CLIP vision tower and a Llama language model."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    vision = CLIPVisionConfig(
-        image_size=size.image_size,
-        patch_size=size.patch_size,
-        num_channels=3,
-        hidden_size=size.vision_hidden,
-        intermediate_size=2 * size.vision_hidden,
-        num_hidden_layers=size.vision_layers,
-        num_attention_heads=size.heads,
-        projection_dim=size.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=size.text_hidden,
-        intermediate_size=2 * size.text_hidden,
-        num_hidden_layers=size.text_layers,
-        num_attention_heads=size.heads,
-        num_key_value_heads=size.heads,
-        max_position_embeddings=64,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        tie_word_embeddings=False,
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_ID,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-    )
+def _knobs(size: ModelSize) -> dict:
+    """The tiny-LLaVA builder's arguments for this size and the demo's vocabulary."""
+    return {
+        **size.to_dict(),
+        "vocab_size": len(VOCAB),
+        "max_position_embeddings": 64,
+        "image_token_id": IMAGE_ID,
+        "pad_id": PAD_ID,
+        "bos_id": BOS_ID,
+        "eos_id": EOS_ID,
+    }
 
 
 def build_model(size: ModelSize, seed: int) -> torch.nn.Module:
-    """A randomly initialised ``LlavaForConditionalGeneration`` (deterministic in ``seed``)."""
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(build_config(size))
-    model.config.use_cache = False
-    return model
+    """A randomly initialised ``LlavaForConditionalGeneration`` (deterministic in ``seed``):
+    a CLIP vision tower and a Llama language model over :data:`VOCAB`."""
+    return tiny_llava(seed, **_knobs(size))
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

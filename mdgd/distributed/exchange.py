@@ -128,12 +128,8 @@ class GradExchange:
             self.phi.buffers["g"],
             self.phi.buffers["h"],
             self.layout,
-            mode=cfg.mode,
-            alpha=cfg.alpha,
-            align=cfg.align,
-            alpha_by=cfg.alpha_by,
+            **cfg.op_kwargs(),
             nonfinite="skip",  # "raise" is applied after the step's one sync
-            eps=cfg.eps,
             backend=cfg.backend,
             names=self.segments.names,
             masked=self.masked,

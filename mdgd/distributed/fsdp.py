@@ -144,11 +144,7 @@ class FSDPExchange(GradExchange):
         coef = coefficients(
             stats,
             self.layout.sizes_t,
-            mode=cfg.mode,
-            alpha=cfg.alpha,
-            align=cfg.align,
-            alpha_by=cfg.alpha_by,
-            eps=cfg.eps,
+            **cfg.op_kwargs(),
             masked=self.masked,
             scale=scale,
         )

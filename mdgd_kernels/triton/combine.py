@@ -1,4 +1,4 @@
-"""Pass 2 in Triton: the update direction, written in place (spec section 5).
+"""Pass 2 in Triton: the update direction, written in place (docs/math.md §5).
 
 For every segment ``s`` with coefficients ``coeffs[s] = (c1, c2, c3, c4)``::
 
@@ -23,7 +23,7 @@ length, int64 chunk table, int64 offsets); ``coeffs`` is float32 ``[S, 4]``.
 Bytes moved, ``b`` = bytes per element, ``n_s`` = size of segment ``s``:
 ``sum_s n_s * b * (#nonzero coefficients of s + 1)`` over the segments not
 untouched, i.e. at most ``5 * b * N`` (10N for bf16: 4 reads + 1 write, the
-spec's floor); ``2 * b * n_s`` for a selected ``gm`` segment, ``b * n_s`` (write
+floor of docs/math.md §9); ``2 * b * n_s`` for a selected ``gm`` segment, ``b * n_s`` (write
 only) for a masked-out one, 0 for an untouched one; plus ``24 * C + 16 * C``
 for the chunk table and coefficient rows. No host synchronisation.
 """

@@ -1,4 +1,4 @@
-"""Pass 1 in Triton: the per-segment Gram statistics (spec section 3).
+"""Pass 1 in Triton: the per-segment Gram statistics (docs/math.md §3).
 
 For every segment ``s`` and the four gradient vectors ``gt = g_theta``,
 ``ht = h_theta``, ``gp = g_phi``, ``hp = h_phi`` restricted to it::
@@ -26,7 +26,7 @@ Element offsets are int64 (buffers beyond 2**31 elements). The result is
 float32 ``[S, 10]``. NaN/Inf propagate into the statistics of their segment.
 
 Bytes moved, ``b`` = bytes per element: reads ``4 * b * N`` (8N for bf16, the
-spec's floor) + ``24 * C`` (chunk table); writes ``40 * C`` and re-reads
+floor of docs/math.md §9) + ``24 * C`` (chunk table); writes ``40 * C`` and re-reads
 ``64 * C`` of partials (~0.02% of the bf16 stream); writes ``40 * S``. No host
 synchronisation: sizes come from tensor shapes.
 """

@@ -1,6 +1,6 @@
 // The CUDA kernels of the two mdgd:: ops, as pure device code (no torch).
 //
-// Pass 1, segment_gram (spec section 3): for every segment s,
+// Pass 1, segment_gram (docs/math.md section 3): for every segment s,
 //
 //   stats[s] = (gt.gt, gt.ht, ht.ht, gp.gp, gp.hp, hp.hp, gt.gp, gt.hp, ht.gp, ht.hp)
 //
@@ -16,7 +16,7 @@
 //      partial rows (chunk_ptr[s] .. chunk_ptr[s+1]) in float64, lane-strided in
 //      chunk order, then a fixed shuffle tree; an empty segment gets zeros.
 //
-// Pass 2, segment_combine_ (spec section 5): for i in segment s,
+// Pass 2, segment_combine_ (docs/math.md section 5): for i in segment s,
 //
 //   g_theta[i] <- c1*gt[i] + c2*ht[i] + c3*gp[i] + c4*hp[i],   (c1..c4) = coeffs[s]
 //
@@ -202,7 +202,7 @@ __device__ __forceinline__ void store16(void* p, const uint4& v) {
 // Pass 1.
 // ---------------------------------------------------------------------------
 
-// The 10 products of one element, in the column order of spec section 3.
+// The 10 products of one element, in the column order of docs/math.md section 3.
 __device__ __forceinline__ void gram_accumulate(
     float (&acc)[kStatCols], float gt, float ht, float gp, float hp) {
   acc[0] = fmaf(gt, gt, acc[0]);

@@ -1,4 +1,4 @@
-"""The float64 oracle of MDGD, written as the paper's equations (spec sections 3-6).
+"""The float64 oracle of MDGD, written as the paper's equations (docs/math.md §3-6).
 
 Every backend is tested against these functions. They favour readability over
 speed: a Python loop over segments, explicit projected vectors, float64 for every
@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
+from .coeffs import STAT_NAMES
 
 EPS = 1e-6
 
@@ -34,11 +36,12 @@ def _segments(x: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
 
 
 def reference_gram(gt, ht, gp, hp, sizes: Sequence[int]) -> torch.Tensor:
-    """``[S, 10]`` float64: gt.gt gt.ht ht.ht gp.gp gp.hp hp.hp gt.gp gt.hp ht.gp ht.hp."""
+    """``[S, 10]`` float64, one column per product of ``STAT_NAMES``, in its order."""
+    pairs = [name.split(".") for name in STAT_NAMES]
     rows = []
     for a, b, c, d in zip(*(_segments(x, sizes) for x in (gt, ht, gp, hp))):
-        pairs = ((a, a), (a, b), (b, b), (c, c), (c, d), (d, d), (a, c), (a, d), (b, c), (b, d))
-        rows.append(torch.stack([torch.dot(x, y) for x, y in pairs]))
+        seg = {"gt": a, "ht": b, "gp": c, "hp": d}
+        rows.append(torch.stack([torch.dot(seg[x], seg[y]) for x, y in pairs]))
     return torch.stack(rows)
 
 
