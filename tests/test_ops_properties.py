@@ -5,7 +5,7 @@ straddling the 64K chunk boundary), the dtype, the magnitudes (per segment, over
 dtype's whole range), the geometry (zero h, zero g_phi, g parallel to h, theta = phi,
 exactly tied cosines, subnormals) and every op option; every backend that runs on CPU
 in this process (``cpu``, ``torch``, and ``triton`` under ``TRITON_INTERPRET=1``) is
-compared with :mod:`mdgd.reference` under the tolerance model of docs/testing.md.
+compared with :mod:`mdgd_kernels.reference` under the tolerance model of docs/testing.md.
 The default profile is CI's; ``--hypothesis-profile=deep`` runs 10,000 examples.
 """
 
@@ -29,8 +29,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mdgd_kernels as mk
-from mdgd.reference import ReferenceResult, reference_top_alpha
 from mdgd_kernels.layout import CHUNK
+from mdgd_kernels.reference import ReferenceResult, reference_top_alpha
 
 BACKENDS = mk.available_backends("cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
