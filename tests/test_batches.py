@@ -4,9 +4,6 @@ non-finite losses, in MDGDEngine and MDGDTrainer."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -252,35 +249,9 @@ def test_data_parallel_rank_with_text_only_micro_batches(tmp_path):
     all-reduces h buckets from its hooks: no hang, and the union of the ranks'
     micro-batches in one process gives the same parameters and figures."""
     import dist_mix_worker as w
-    from test_distributed import free_port
+    from test_distributed import launch_ranks
 
-    port, procs = free_port(), []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, w.__file__, str(tmp_path)],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    try:
-        logs = [p.communicate(timeout=180)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    launch_ranks([w.__file__, str(tmp_path)], 180, "dist_mix_worker")
     ranks = [torch.load(tmp_path / f"mix-{r}.pt") for r in range(2)]
     for mode in w.MODES:
         theta, engine = w.mix_engine(mode, "none")

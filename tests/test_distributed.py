@@ -50,8 +50,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, out, timeout: float = 120.0) -> None:
-    """Run the 2 ranks of ``scenario``; fail (never hang) when one fails or overruns."""
+def launch_ranks(argv: list[str], timeout: float, what: str) -> None:
+    """Run ``python *argv`` as the 2 ranks of a gloo group; fail (never hang) when one
+    fails or overruns."""
     port = free_port()
     procs = []
     for rank in range(WORLD):
@@ -67,7 +68,7 @@ def launch(scenario: str, out, timeout: float = 120.0) -> None:
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, os.path.join(HERE, "dist_worker.py"), scenario, str(out)],
+                [sys.executable, *argv],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -83,7 +84,13 @@ def launch(scenario: str, out, timeout: float = 120.0) -> None:
             if p.poll() is None:
                 p.kill()
     for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} of {scenario!r} failed:\n{log[-4000:]}"
+        assert p.returncode == 0, f"rank {rank} of {what} failed:\n{log[-4000:]}"
+
+
+def launch(scenario: str, out, timeout: float = 120.0) -> None:
+    """Run the 2 ranks of ``dist_worker.py``'s ``scenario``."""
+    argv = [os.path.join(HERE, "dist_worker.py"), scenario, str(out)]
+    launch_ranks(argv, timeout, repr(scenario))
 
 
 def reference(case):
