@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -368,7 +369,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.mode:  # worker process: one row as JSON on stdout (rank 0 only)
         row = worker(args)
         if row:
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
+        if args.mode in DIST_MODES:
+            # Skip interpreter finalization: a gloo worker thread can still be releasing the
+            # last collective's tensors, and taking the GIL during finalization aborts the
+            # process ("terminate called without an active exception"). Once a Hugging Face
+            # model is built, destroy_process_group does not join those threads.
+            sys.stderr.flush()
+            os._exit(0)
         return []
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES and m not in DIST_MODES]
