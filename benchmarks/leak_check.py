@@ -22,8 +22,6 @@ import os
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
@@ -36,10 +34,8 @@ def rss_mb() -> float:
 def run_mode(mode: str, steps: int) -> list[tuple[int, float]]:
     import torch
 
-    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-    from llava_tiny import perturbed_copy, random_batch, tiny_llava
-
     from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns
+    from mdgd.testing import perturbed_copy, random_batch, tiny_llava
 
     torch.set_num_threads(1)
     ref = tiny_llava(seed=0, attention_dropout=0.1)

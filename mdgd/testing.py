@@ -1,7 +1,7 @@
 """Tiny LLaVA models built from a config, and random batches, for tests and benchmarks.
 
 No downloads: a CLIP vision tower and a Llama language model with random weights.
-The tests (``tests/llava_tiny.py`` re-exports these), the benchmarks and the demo
+The tests (``tests/helpers/llava_tiny.py`` re-exports these), the benchmarks and the demo
 (:mod:`mdgd.demo.model`, with its own vocabulary and sizes) build their models here.
 Importing this module needs neither pytest nor transformers (imported on use).
 

@@ -8,10 +8,16 @@ an indexing bug that mixes segments cannot hide inside a tolerance.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from hypothesis_profiles import register_profiles
+
+# tests/helpers/ holds the modules that are not tests (builders, workers, case lists)
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
+
+from hypothesis_profiles import register_profiles  # noqa: E402
 
 from mdgd_kernels.reference import (
     ReferenceResult,

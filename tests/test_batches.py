@@ -17,7 +17,7 @@ from llava_tiny import (
     unsupervised,
 )
 from step_oracle import independent
-from test_engine import assert_update_matches, build, flat_params
+from tiny_engines import assert_update_matches, build, flat_params
 
 from mdgd import FIGURES
 from mdgd.batches import SKIPPED, MicroBatch
@@ -249,7 +249,7 @@ def test_data_parallel_rank_with_text_only_micro_batches(tmp_path):
     all-reduces h buckets from its hooks: no hang, and the union of the ranks'
     micro-batches in one process gives the same parameters and figures."""
     import dist_mix_worker as w
-    from test_distributed import launch_ranks
+    from launch import launch_ranks
 
     launch_ranks([w.__file__, str(tmp_path)], 180, "dist_mix_worker")
     ranks = [torch.load(tmp_path / f"mix-{r}.pt") for r in range(2)]

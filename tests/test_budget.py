@@ -11,7 +11,7 @@ from llava_tiny import (
     random_batch,
     tiny_llava,
 )
-from test_engine import build
+from tiny_engines import build
 
 import mdgd_kernels as mk
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns, mark_trainable

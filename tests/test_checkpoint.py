@@ -8,36 +8,15 @@ import pytest
 import torch
 from llava_tiny import (
     one_thread,  # noqa: F401  (fixture)
-    perturbed_copy,
     random_batch,
     tiny_llava,
 )
 from safetensors.torch import load_file
+from tiny_engines import make_engine, run_steps
 
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_engine(mode="gm"):
-    """Same models, optimizer and scheduler every call; dropout on, so RNG state matters."""
-    ref = tiny_llava(seed=0, attention_dropout=0.2)
-    theta = perturbed_copy(ref, seed=1)
-    theta.train()
-    cfg = MDGDConfig(mode=mode, alpha=0.5, trainable=llava_trainable_patterns(ref.config, 2))
-    engine = MDGDEngine(theta, ref, None, cfg)
-    opt = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-2)
-    engine.optimizer = opt
-    engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    return engine
-
-
-def run(engine, steps):
-    out = []
-    for s in steps:
-        engine.backward(random_batch(engine.model.config, seed=100 + 2 * s))
-        out.append(engine.step(random_batch(engine.model.config, seed=101 + 2 * s)))
-    return out
 
 
 def params(engine):
@@ -48,18 +27,18 @@ def params(engine):
 def test_resume_continues_exactly(tmp_path, mode):
     torch.manual_seed(1234)
     full = make_engine(mode)
-    figures_full = run(full, range(4))
+    figures_full = run_steps(full, range(4))
 
     torch.manual_seed(1234)
     first = make_engine(mode)
-    run(first, range(2))
+    run_steps(first, range(2))
     first.save_checkpoint(tmp_path / "ckpt")
     del first
     torch.manual_seed(999)  # a different RNG state: the checkpoint must restore it
     resumed = make_engine(mode)
     resumed.load_checkpoint(tmp_path / "ckpt")
     assert resumed.step_count == 2
-    figures_resumed = run(resumed, range(2, 4))
+    figures_resumed = run_steps(resumed, range(2, 4))
 
     assert repr(figures_resumed) == repr(figures_full[2:])  # NaN-aware, bit-exact floats
     want, got = params(full), params(resumed)
@@ -72,7 +51,7 @@ def test_resume_continues_exactly(tmp_path, mode):
 
 def test_checkpoint_files_are_safe_to_load(tmp_path):
     engine = make_engine()
-    run(engine, range(1))
+    run_steps(engine, range(1))
     engine.save_checkpoint(tmp_path)
     state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["step"] == 1 and state["config"]["mode"] == "gm"
@@ -84,7 +63,7 @@ def test_checkpoint_files_are_safe_to_load(tmp_path):
 
 def test_checkpoint_errors(tmp_path):
     engine = make_engine()
-    run(engine, range(1))
+    run_steps(engine, range(1))
     engine.backward(random_batch(engine.model.config, seed=0))
     with pytest.raises(RuntimeError, match="middle of an accumulation|not stepped"):
         engine.save_checkpoint(tmp_path)

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 from llava_tiny import one_thread, tiny_llava  # noqa: F401  (fixture)
-from test_checkpoint import make_engine, run
+from tiny_engines import make_engine, run_steps
 
 import mdgd.checkpoint as ckpt
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns
@@ -72,10 +72,10 @@ def interrupted_save(engine, path, monkeypatch, at: int) -> list[str]:
 
 def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     engine = make_engine()
-    run(engine, range(1))
+    run_steps(engine, range(1))
     engine.save_checkpoint(tmp_path)
     old = snapshot(engine)
-    run(engine, range(1, 2))
+    run_steps(engine, range(1, 2))
     new = snapshot(engine)
     ops = interrupted_save(engine, tmp_path / "probe", monkeypatch, at=0)
     assert ops.count("replace") == 2 and len(ops) >= 6, ops
@@ -92,7 +92,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def saved(tmp_path):
     engine = make_engine()
-    run(engine, range(1))
+    run_steps(engine, range(1))
     engine.save_checkpoint(tmp_path)
     return engine
 
@@ -128,7 +128,7 @@ def test_damaged_checkpoint_raises_and_loads_nothing(tmp_path, damage, which, ma
     file = tensors_file(tmp_path) if which == "tensors" else tmp_path / "state.pt"
     damage(file)
     engine = make_engine()
-    run(engine, range(2))
+    run_steps(engine, range(2))
     before = snapshot(engine)
     with pytest.raises(ckpt.CheckpointError, match=match) as info:
         engine.load_checkpoint(tmp_path)

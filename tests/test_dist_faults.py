@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from dist_faults import TIMEOUT_S
-from test_distributed import WORLD, launch
+from launch import WORLD, launch
 
 CASES = [(d, n, f) for d in ("dp", "fsdp") for n in ("skip", "raise") for f in ("grad", "loss")]
 

@@ -1,6 +1,6 @@
 """Multi-process MDGD: 2 gloo processes on CPU against one process on the union of batches.
 
-Each launch runs ``tests/dist_worker.py`` twice (RANK 0 and 1, torchrun's
+Each launch runs ``tests/helpers/dist_worker.py`` twice (RANK 0 and 1, torchrun's
 variables) and batches many cases into one launch; the parent compares the
 files the ranks write. The single-process reference is the engine with the
 ranks' micro-batches as its own (gradient accumulation of ``world x micro``
@@ -11,10 +11,6 @@ half each, after their sharded runs.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -33,64 +29,13 @@ from dist_worker import (
     patterns,
     run_fsdp_reference,
 )
+from launch import WORLD, free_port, launch
 from llava_tiny import one_thread  # noqa: F401  (fixture)
 
 from mdgd import FIGURES, MDGDConfig, MDGDEngine, mark_trainable, shard_models
 from mdgd.distributed.fsdp import local_pieces
 
-WORLD = 2
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_ranks(argv: list[str], timeout: float, what: str) -> None:
-    """Run ``python *argv`` as the 2 ranks of a gloo group; fail (never hang) when one
-    fails or overruns."""
-    port = free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            LOCAL_WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *argv],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {rank} of {what} failed:\n{log[-4000:]}"
-
-
-def launch(scenario: str, out, timeout: float = 120.0) -> None:
-    """Run the 2 ranks of ``dist_worker.py``'s ``scenario``."""
-    argv = [os.path.join(HERE, "dist_worker.py"), scenario, str(out)]
-    launch_ranks(argv, timeout, repr(scenario))
 
 
 def reference(case):

@@ -14,43 +14,21 @@ import math
 
 import pytest
 import torch
-from conftest import TOL, term_scale
+from conftest import term_scale
 from llava_tiny import (
     one_thread,  # noqa: F401  (fixture)
-    perturbed_copy,
     random_batch,
     tiny_llava,
-    tiny_llava_config,
 )
 from step_oracle import independent
+from tiny_engines import assert_update_matches, build, flat_params, trainable_patterns
 
-from mdgd import FIGURES, MDGDConfig, MDGDEngine, llava_trainable_patterns, mark_trainable
+from mdgd import FIGURES, MDGDConfig, MDGDEngine, mark_trainable
 from mdgd_kernels.reference import reference_direction
 
 BLOCK = 100
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def trainable_patterns() -> list[str]:
-    """The last two of three language-model layers and the projector."""
-    return llava_trainable_patterns(tiny_llava_config(), num_layers=2)
-
-
-def build(mode="mdgd", dtype=torch.float32, optim="sgd", **kw):
-    """(engine, theta, ref, oracle copies) with theta perturbed away from phi."""
-    ref = tiny_llava(seed=0, dtype=dtype)
-    theta = perturbed_copy(ref, seed=1)
-    pats = trainable_patterns()
-    mark_trainable(theta, pats)
-    params = [p for p in theta.parameters() if p.requires_grad]
-    if optim == "sgd":
-        opt = torch.optim.SGD(params, lr=1.0)
-    else:
-        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    cfg = MDGDConfig(mode=mode, trainable=pats, **kw)
-    engine = MDGDEngine(theta, ref, opt, cfg)
-    return engine, theta, ref, copy.deepcopy(theta), copy.deepcopy(ref)
 
 
 def segment_sizes(sizes: list[int], granularity: str) -> tuple[list[int], list[int]]:
@@ -66,25 +44,6 @@ def segment_sizes(sizes: list[int], granularity: str) -> tuple[list[int], list[i
             segs.append(min(k, n - lo))
             owner.append(i)
     return segs, owner
-
-
-def flat_params(model, names) -> torch.Tensor:
-    p = dict(model.named_parameters())
-    return torch.cat([p[n].detach().reshape(-1).double() for n in names])
-
-
-def assert_update_matches(p0, p1, ref_res, bufs, sizes, dtype):
-    """theta_0 - theta_1 == d (SGD, lr = 1), relative to the scale of d's terms."""
-    got = p0 - p1
-    scale = term_scale(ref_res, [b.to(dtype) for b in bufs], sizes)
-    ulp = p0.abs() * 2.0 ** -(24 if dtype == torch.float32 else 8)
-    err = (got - ref_res.direction).abs()
-    bad = err > TOL[dtype] * scale + 2 * ulp
-    assert not bad.any(), (
-        f"{int(bad.sum())} of {bad.numel()} elements differ; first at "
-        f"{torch.nonzero(bad)[:3].flatten().tolist()}: got {got[bad][:3].tolist()} "
-        f"want {ref_res.direction[bad][:3].tolist()}"
-    )
 
 
 CASES = [

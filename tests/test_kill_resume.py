@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_resume_worker.py")
+HELPERS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers")
+WORKER = os.path.join(HELPERS, "kill_resume_worker.py")
 
 # name: (MDGD_KILL_AT, the step of the checkpoint on disk after the kill). Seven steps,
 # saves after steps 3 and 6; a save's file operations are fsync(tensors tmp), rename,

@@ -9,7 +9,7 @@
   fresh venv): ``pip install --no-build-isolation`` of the sdist with a broken
   compiler (``CXX=false``, or one that fails every compile) succeeds, and the
   installed package warns once and gives the oracle's direction on the torch
-  backend (tests/install_smoke.py).
+  backend (tests/helpers/install_smoke.py).
   CI's sdist step (.ci/run) installs the same sdist with a working compiler.
 """
 
@@ -191,7 +191,7 @@ def test_install_with_a_broken_compiler_succeeds_and_falls_back(
     cmd = [fresh_venv, "-m", "pip", "install", "-v", "--no-build-isolation", sdist]
     log = _run(cmd, env=env, timeout=PIP_TIMEOUT_S)
     assert "mdgd_kernels._C was NOT built" in log.stdout + log.stderr
-    smoke = [fresh_venv, ROOT / "tests" / "install_smoke.py", "--backend", "torch"]
+    smoke = [fresh_venv, ROOT / "tests" / "helpers" / "install_smoke.py", "--backend", "torch"]
     out = _run(smoke, env=env, cwd=tmp_path).stdout
     assert "was not built when mdgd was installed" in out, out
     assert "smoke test passed on backend 'torch'" in out

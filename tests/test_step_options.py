@@ -14,7 +14,7 @@ from llava_tiny import (
     tiny_llava,
     trainer_args,
 )
-from test_engine import build
+from tiny_engines import build
 
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns, mark_trainable
 

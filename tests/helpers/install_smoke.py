@@ -1,7 +1,7 @@
 """Smoke test of an *installed* mdgd, run by CI's sdist step and tests/test_packaging.py.
 
-    python tests/install_smoke.py --backend cpu    # the C++ extension must have loaded
-    python tests/install_smoke.py --backend torch  # the install fell back, and said so once
+    python tests/helpers/install_smoke.py --backend cpu    # the C++ extension must have loaded
+    python tests/helpers/install_smoke.py --backend torch  # the install fell back, and said so once
 
 Run it by path from outside the checkout (a script's own folder, not the current
 one, heads ``sys.path``), so that it imports the installed package. It imports

@@ -1,6 +1,7 @@
 """One rank of a multi-process test, launched by tests/test_distributed.py.
 
-    RANK=r WORLD_SIZE=w MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/dist_worker.py SCENARIO OUT
+    RANK=r WORLD_SIZE=w MASTER_ADDR=127.0.0.1 MASTER_PORT=p \
+        python tests/helpers/dist_worker.py SCENARIO OUT
 
 torchrun sets the same variables. Scenarios:
 
@@ -20,7 +21,7 @@ torchrun sets the same variables. Scenarios:
 * ``fsdp_ckpt``: checkpoint and resume under FSDP2 against the uninterrupted run.
 * ``trainer_fsdp``: MDGDTrainer in "dp" and "fsdp" mode, and resumed on FSDP2.
 * ``faults``, ``dies_dp``, ``dies_fsdp``: NaN on one rank and a rank dying mid-step
-  (tests/dist_faults.py).
+  (tests/helpers/dist_faults.py).
 """
 
 from __future__ import annotations

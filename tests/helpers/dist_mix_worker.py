@@ -1,6 +1,7 @@
 """One rank of the data-parallel LLaVA-mix test (tests/test_batches.py).
 
-    RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/dist_mix_worker.py OUT
+    RANK=r WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=p \
+        python tests/helpers/dist_mix_worker.py OUT
 
 Rank 0 trains on image batches; rank 1's micro-batch is text-only at every step
 (so it skips the ``h`` backward while rank 0 all-reduces ``h`` buckets from

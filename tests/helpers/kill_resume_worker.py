@@ -1,6 +1,6 @@
 """A tiny MDGD training run that resumes from its checkpoint and can SIGKILL itself.
 
-    python tests/kill_resume_worker.py OUT_DIR
+    python tests/helpers/kill_resume_worker.py OUT_DIR
 
 trains the tiny LLaVA of ``llava_tiny`` (``mode="mdgd"``, AdamW, dropout on) for
 ``STEPS`` steps, saving a checkpoint into ``OUT_DIR/ckpt`` every ``EVERY`` steps and
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from safetensors.torch import save_file  # noqa: E402
-from test_checkpoint import make_engine, run  # noqa: E402
+from tiny_engines import make_engine, run_steps  # noqa: E402
 
 import mdgd_kernels  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(out: Path) -> None:
     if os.environ.get("MDGD_KILL_AT"):
         install_kill(engine, os.environ["MDGD_KILL_AT"])
     for s in range(engine.step_count, STEPS):
-        run(engine, [s])
+        run_steps(engine, [s])
         if (s + 1) % EVERY == 0:
             engine.save_checkpoint(ckpt)
     tensors = {f"p/{n}": p.detach() for n, p in zip(engine.param_names, engine.theta.params)}

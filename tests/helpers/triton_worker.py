@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
+HERE = Path(__file__).resolve().parent  # tests/helpers
+TESTS = HERE.parent  # conftest.py: the shared input builders
+REPO = TESTS.parent
 
 
 class Worker:
@@ -43,7 +44,7 @@ class Worker:
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ, TRITON_INTERPRET="1")
         env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO), str(HERE), env.get("PYTHONPATH", "")) if p
+            p for p in (str(REPO), str(TESTS), str(HERE), env.get("PYTHONPATH", "")) if p
         )
         return subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve"],
