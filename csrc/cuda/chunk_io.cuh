@@ -119,6 +119,23 @@ struct Elem<__half> {
   }
 };
 
+// Widens one 16-byte vector of each buffer (gt, ht, gp, hp) to float32 and
+// calls f(e, gt, ht, gp, hp) for each element e of the vector, in order.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_element(
+    const uint4& rgt, const uint4& rht, const uint4& rgp, const uint4& rhp, F&& f) {
+  constexpr int V = Elem<T>::kVec;
+  float a[V], b[V], c[V], d[V];
+  Elem<T>::unpack(rgt, a);
+  Elem<T>::unpack(rht, b);
+  Elem<T>::unpack(rgp, c);
+  Elem<T>::unpack(rhp, d);
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    f(e, a[e], b[e], c[e], d[e]);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Chunk geometry: [0, head) scalar, head + [0, nvec * kVec) vectors, the rest
 // scalar. head is the number of elements before the first 16-byte boundary.

@@ -61,16 +61,10 @@ template <typename T>
 __device__ __forceinline__ uint4 combine_vec(
     const CombineRow& r, const uint4& rgt, const uint4& rht, const uint4& rgp,
     const uint4& rhp) {
-  constexpr int V = Elem<T>::kVec;
-  float a[V], b[V], c[V], d[V], o[V];
-  Elem<T>::unpack(rgt, a);
-  Elem<T>::unpack(rht, b);
-  Elem<T>::unpack(rgp, c);
-  Elem<T>::unpack(rhp, d);
-#pragma unroll
-  for (int e = 0; e < V; ++e) {
-    o[e] = combine_one(r, a[e], b[e], c[e], d[e]);
-  }
+  float o[Elem<T>::kVec];
+  for_each_element<T>(rgt, rht, rgp, rhp, [&](int e, float gt, float ht, float gp, float hp) {
+    o[e] = combine_one(r, gt, ht, gp, hp);
+  });
   return Elem<T>::pack(o);
 }
 

@@ -53,16 +53,9 @@ template <typename T>
 __device__ __forceinline__ void gram_accumulate_vec(
     float (&acc)[kStatCols], const uint4& rgt, const uint4& rht, const uint4& rgp,
     const uint4& rhp) {
-  constexpr int V = Elem<T>::kVec;
-  float a[V], b[V], c[V], d[V];
-  Elem<T>::unpack(rgt, a);
-  Elem<T>::unpack(rht, b);
-  Elem<T>::unpack(rgp, c);
-  Elem<T>::unpack(rhp, d);
-#pragma unroll
-  for (int e = 0; e < V; ++e) {
-    gram_accumulate(acc, a[e], b[e], c[e], d[e]);
-  }
+  for_each_element<T>(rgt, rht, rgp, rhp, [&](int, float gt, float ht, float gp, float hp) {
+    gram_accumulate(acc, gt, ht, gp, hp);
+  });
 }
 
 // This thread's share of one chunk (the buffers already offset to its start).
