@@ -65,9 +65,26 @@ struct Elem<float> {
   }
 };
 
-template <>
-struct Elem<__nv_bfloat16> {
+// The 16-bit types: each 32-bit word of a vector holds two elements, the first
+// (lower address) in the low half. Word supplies unpack2 and pack2 for one word.
+template <typename Word>
+struct Elem16 {
   static constexpr int kVec = 8;
+  __device__ __forceinline__ static void unpack(const uint4& r, float (&f)[kVec]) {
+    Word::unpack2(r.x, f[0], f[1]);
+    Word::unpack2(r.y, f[2], f[3]);
+    Word::unpack2(r.z, f[4], f[5]);
+    Word::unpack2(r.w, f[6], f[7]);
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&f)[kVec]) {
+    return make_uint4(
+        Word::pack2(f[0], f[1]), Word::pack2(f[2], f[3]), Word::pack2(f[4], f[5]),
+        Word::pack2(f[6], f[7]));
+  }
+};
+
+template <>
+struct Elem<__nv_bfloat16> : Elem16<Elem<__nv_bfloat16>> {
   __device__ __forceinline__ static float to_float(__nv_bfloat16 x) {
     return __bfloat162float(x);
   }
@@ -84,20 +101,10 @@ struct Elem<__nv_bfloat16> {
     return static_cast<unsigned>(__bfloat16_as_ushort(h.x)) |
         (static_cast<unsigned>(__bfloat16_as_ushort(h.y)) << 16);
   }
-  __device__ __forceinline__ static void unpack(const uint4& r, float (&f)[kVec]) {
-    unpack2(r.x, f[0], f[1]);
-    unpack2(r.y, f[2], f[3]);
-    unpack2(r.z, f[4], f[5]);
-    unpack2(r.w, f[6], f[7]);
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&f)[kVec]) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
-  }
 };
 
 template <>
-struct Elem<__half> {
-  static constexpr int kVec = 8;
+struct Elem<__half> : Elem16<Elem<__half>> {
   __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
   __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
   __device__ __forceinline__ static void unpack2(unsigned w, float& lo, float& hi) {
@@ -107,15 +114,6 @@ struct Elem<__half> {
   __device__ __forceinline__ static unsigned pack2(float lo, float hi) {
     return static_cast<unsigned>(__half_as_ushort(__float2half_rn(lo))) |
         (static_cast<unsigned>(__half_as_ushort(__float2half_rn(hi))) << 16);
-  }
-  __device__ __forceinline__ static void unpack(const uint4& r, float (&f)[kVec]) {
-    unpack2(r.x, f[0], f[1]);
-    unpack2(r.y, f[2], f[3]);
-    unpack2(r.z, f[4], f[5]);
-    unpack2(r.w, f[6], f[7]);
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&f)[kVec]) {
-    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
   }
 };
 
