@@ -18,9 +18,9 @@ c10/cuda/CUDAMacros.h offers for builds without it.
 
 ``-Xptxas -v`` reports registers and spills per kernel and arch; a kernel
 without exactly one report per arch, or any spill, fails the test (run
-``pytest -s`` to see the table). The compiles run in parallel (about 1 minute
-on 2 cores). Skipped without nvcc. Nothing here runs a kernel: that needs a
-GPU (tests/test_ops.py).
+``pytest -s`` to see the table). The compiles run in parallel (1.5 to 2
+minutes on 2 busy cores). Skipped without nvcc. Nothing here runs a kernel:
+that needs a GPU (tests/test_ops.py).
 """
 
 from __future__ import annotations
