@@ -5,8 +5,9 @@
 // CompositeExplicitAutograd default and the fake kernels for torch.compile);
 // C++ only adds implementations, each backend file registering its own with
 // TORCH_LIBRARY_IMPL: csrc/cpu/segment_gram.cpp and segment_combine.cpp for the
-// CPU key, csrc/cuda/mdgd_cuda.cu for the CUDA key. The dispatcher accepts an
-// implementation before its schema, so the import order does not matter.
+// CPU key, csrc/cuda/segment_gram.cu and segment_combine.cu for the CUDA key.
+// The dispatcher accepts an implementation before its schema, so the import
+// order does not matter.
 //
 // The Python module itself exposes nothing but built_with_cuda(): the kernels
 // are reached through torch.ops.mdgd.*, never as bare pybind11 functions.

@@ -62,7 +62,7 @@ def test_sdist_lists_every_csrc_file(sdist):
     top = listing[0].split("/")[0]
     names = {name.removeprefix(top + "/") for name in listing}
     csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
-    assert {"csrc/cuda/mdgd_cuda.cu", "csrc/cuda/kernels.cuh", "csrc/mdgd_common.h"} <= csrc
+    assert {"csrc/cuda/segment_gram.cu", "csrc/cuda/chunk_io.cuh", "csrc/mdgd_common.h"} <= csrc
     assert csrc - names == set(), f"missing from the sdist: {sorted(csrc - names)}"
     for needed in ("setup.py", "pyproject.toml", "MANIFEST.in", "tests/conftest.py"):
         assert needed in names, f"{needed} missing from the sdist"

@@ -27,13 +27,13 @@ _LISTED = re.compile(rf"{_NAME}\.{_NAME}")
 
 KERNELS = {
     "csrc/cpu/segment_gram.cpp": _FMA,
-    "csrc/cuda/kernels.cuh": _FMA,
+    "csrc/cuda/segment_gram.cu": _FMA,
     "mdgd_kernels/triton/gram.py": _TRITON,
 }
 COMMENTS = (
     "csrc/mdgd_common.h",
     "csrc/cpu/segment_gram.cpp",
-    "csrc/cuda/kernels.cuh",
+    "csrc/cuda/segment_gram.cu",
     "mdgd_kernels/triton/gram.py",
 )
 
