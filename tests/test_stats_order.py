@@ -83,3 +83,15 @@ def test_parser_sees_a_swapped_column():
     swapped = swapped.replace("a[2] = fmadd(ht, ht, a[2])", "a[2] = fmadd(gt, ht, a[2])", 1)
     assert swapped != source
     assert kernel_order(swapped, _FMA) != list(STAT_NAMES)
+
+
+def test_every_source_that_spells_the_order_is_checked():
+    """A new C++/CUDA/Triton file that accumulates or lists the columns joins the tables above."""
+    sources = [*ROOT.glob("csrc/**/*.[ch]*"), *ROOT.glob("mdgd_kernels/triton/*.py")]
+    assert len(sources) >= 10
+    for path in sources:
+        rel, text = path.relative_to(ROOT).as_posix(), path.read_text()
+        if _FMA.search(text) or _TRITON.search(text):
+            assert rel in KERNELS, f"{rel} accumulates statistics: add it to KERNELS"
+        if listed_orders(text):
+            assert rel in COMMENTS, f"{rel} lists the statistics: add it to COMMENTS"
