@@ -37,6 +37,9 @@ FSDP2's reduce-scatter). See ``docs/distributed.md``.
 ``mode="ft"`` costs what plain fine-tuning costs: one forward and one backward
 of theta into the ``g`` buffer, no reference model, no ``h`` buffers, no op;
 ``loss_ref``, ``loss_v`` and the cosine figures are reported as NaN.
+
+What the engine checks when it is built is :mod:`mdgd.checks`; the figures a
+step returns, and how they are computed, :mod:`mdgd.figures`.
 """
 
 from __future__ import annotations
@@ -159,7 +162,7 @@ class MDGDEngine:
         self.last_figures: dict[str, float] | None = None
         self._reset()
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ state
 
     def _reset(self) -> None:
         self._micro = 0
