@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
-SKIPPED = 8  # index of "skipped" in mdgd.engine.FIGURES
+SKIPPED = 8  # index of "skipped" in mdgd.figures.FIGURES
 
 
 def has_supervised_token(labels: torch.Tensor) -> torch.Tensor:
@@ -40,6 +40,22 @@ def has_supervised_token(labels: torch.Tensor) -> torch.Tensor:
     Causal LMs predict ``labels[..., 1:]`` (the first label is never a target).
     """
     return (labels[..., 1:] != IGNORE_INDEX).any()
+
+
+def check_batch(batch: Any) -> None:
+    """A micro-batch must be a dict of tensors with ``labels``."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"a batch must be a dict of tensors, got {type(batch).__name__}")
+    if batch.get("labels") is None:
+        raise ValueError("the batch has no 'labels': L_vl needs them (-100 marks ignored tokens)")
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """``batch`` with its tensors moved to ``device`` (non-blocking)."""
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
 
 
 def is_text_only(visual: Any, model: torch.nn.Module, batch: Mapping[str, Any]) -> bool:

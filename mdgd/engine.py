@@ -37,6 +37,9 @@ FSDP2's reduce-scatter). See ``docs/distributed.md``.
 ``mode="ft"`` costs what plain fine-tuning costs: one forward and one backward
 of theta into the ``g`` buffer, no reference model, no ``h`` buffers, no op;
 ``loss_ref``, ``loss_v`` and the cosine figures are reported as NaN.
+
+What the engine checks when it is built is :mod:`mdgd.checks`; the figures a
+step returns, and how they are computed, :mod:`mdgd.figures`.
 """
 
 from __future__ import annotations
@@ -50,49 +53,15 @@ from torch import nn
 
 import mdgd_kernels
 
-from .batches import MicroBatch, nonfinite_reason, step_figures
+from .batches import MicroBatch, check_batch, nonfinite_reason, step_figures, to_device
 from .budget import FreezeUnselected, updated_fraction
-from .buffers import local_tensor
-from .config import MDGDConfig, mark_trainable
-from .distributed import canonical_name, check_micro_batches, make_exchange, resolve_mode
-from .families import check_same_config
+from .checks import check_optimizer, check_same_architecture, matching_params, trainable_params
+from .config import MDGDConfig
+from .distributed import check_micro_batches, make_exchange, resolve_mode
+from .distributed.fsdp import fsdp_collective_failed, raised_by_a_collective
+from .figures import FIGURES, conflict_per_param, figures_ft, figures_mdgd, selected_per_param
 from .recompute import is_recomputing, recompute_layers
 from .visual import ImageTokenHidden, VisualHook, visual_l1
-
-FIGURES = (
-    "loss",
-    "loss_ref",
-    "loss_v",
-    "cos_mean",
-    "cos_std",
-    "selected_fraction",
-    "conflict_cos_mean",
-    "conflict_fraction",
-    "skipped",
-    "text_only_fraction",
-    "supervised_fraction",
-    "updated_fraction",
-)
-"""Keys of the dict :meth:`MDGDEngine.step` returns (all floats):
-
-* ``loss``, ``loss_ref``: ``L_vl`` of theta and of phi (mean over micro-batches);
-* ``loss_v``: ``L_v`` (Eq. 6, with ``visual_weight``);
-* ``cos_mean``, ``cos_std``: mean and standard deviation over segments of
-  ``cos(gbar_theta, gbar_phi)`` (Eq. 11);
-* ``selected_fraction``: fraction of trainable elements updated (< 1 only in ``gm``);
-* ``conflict_cos_mean``: mean over parameters of ``cos(g_theta, h_theta)``, the
-  modality gradient conflict (MoDE, Definition 1); parameters off the visual path
-  (``h_theta == 0``) are left out; NaN when there is none (e.g. ``theta == phi``);
-* ``conflict_fraction``: fraction of those parameters with a negative cosine;
-* ``skipped``: 1.0 when the step was skipped: non-finite gradients or losses, or
-  no supervised token in any micro-batch (:mod:`mdgd.batches`);
-* ``text_only_fraction``: fraction of the micro-batches with no image token
-  (``L_v = 0``, no ``h`` backward); NaN in ``ft``;
-* ``supervised_fraction``: fraction of the micro-batches with a supervised token;
-* ``updated_fraction``: fraction of trainable elements the optimizer may change:
-  ``selected_fraction``, unless MDGD-GM with ``"block:K"`` runs without
-  ``freeze_unselected`` (then whole tensors with a selected block; :mod:`mdgd.budget`).
-"""
 
 
 class MDGDEngine:
@@ -147,12 +116,12 @@ class MDGDEngine:
         self.step_count = 0
 
         if self.ref_model is not None:
-            _check_same_architecture(model, self.ref_model)
-        named = self._trainable(model)
+            check_same_architecture(model, self.ref_model)
+        named = trainable_params(model, self.ref_model, cfg.trainable)
         names = [n for n, _ in named]
         phi_params = None
         if cfg.mode != "ft":
-            phi_params = _matching_params(model, ref_model, named)
+            phi_params = matching_params(model, ref_model, named)
             ref_model.eval()
             if is_recomputing(model):  # phi in eval() would keep all its activations
                 recompute_layers(ref_model)
@@ -174,16 +143,14 @@ class MDGDEngine:
         self.device = self.theta.device
         self.segments = self.exchange.segments
         self.layout = self.exchange.layout
-        # "global" has one segment owned by every parameter: its figures stay per segment
-        self._global = cfg.granularity == "global"
-        self._owner = torch.tensor(
-            self.segments.param_index if not self._global else [0],
-            dtype=torch.int64,
-            device=self.device,
-        )
+        # each segment's parameter; None for "global" (one segment owned by every parameter)
+        self._owner = None
+        if cfg.granularity != "global":
+            index = self.segments.param_index
+            self._owner = torch.tensor(index, dtype=torch.int64, device=self.device)
         self._world = self.exchange.world
         if optimizer is not None:
-            self._check_optimizer(optimizer)
+            check_optimizer(optimizer, self.ref_model, self.theta.names, self.theta.params)
         self.freeze = FreezeUnselected.for_engine(self)
         # whole parameters (a DTensor counts its global elements), for updated_fraction
         self._param_sizes = torch.tensor([p.numel() for p in self.theta.params], device=self.device)
@@ -195,39 +162,7 @@ class MDGDEngine:
         self.last_figures: dict[str, float] | None = None
         self._reset()
 
-    # ------------------------------------------------------------------ set-up
-
-    def _trainable(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        patterns = self.config.trainable
-        if patterns is not None:
-            named = mark_trainable(model, patterns)
-            if self.ref_model is not None:
-                mark_trainable(self.ref_model, patterns)
-            return named
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError(
-                f"{type(model).__name__} has no parameter with requires_grad=True; set "
-                "MDGDConfig(trainable=[...]) (see llava_trainable_patterns) or mark_trainable()"
-            )
-        return named
-
-    def _check_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        if self.ref_model is not None:
-            bad = [n for n, p in self.ref_model.named_parameters() if id(p) in held]
-            if bad:
-                raise ValueError(
-                    f"the optimizer holds {len(bad)} parameter(s) of ref_model (e.g. {bad[0]}); "
-                    "ref_model is frozen: give the optimizer theta's parameters only"
-                )
-        missing = [n for n, p in zip(self.theta.names, self.theta.params) if id(p) not in held]
-        if missing:
-            raise ValueError(
-                f"the optimizer does not hold {len(missing)} trainable parameter(s) of model "
-                f"(e.g. {missing[0]}); build it after marking the trainable parameters, e.g. "
-                "from [p for p in model.parameters() if p.requires_grad]"
-            )
+    # ------------------------------------------------------------------ state
 
     def _reset(self) -> None:
         self._micro = 0
@@ -245,20 +180,6 @@ class MDGDEngine:
 
     # ------------------------------------------------------------------ backward
 
-    def _prepare(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        if not isinstance(batch, Mapping):
-            raise ValueError(f"a batch must be a dict of tensors, got {type(batch).__name__}")
-        if batch.get("labels") is None:
-            raise ValueError(
-                "the batch has no 'labels': L_vl needs them (-100 marks ignored tokens)"
-            )
-        if self.config.mode != "ft":
-            self.visual.check(self.model, batch)
-        return {
-            k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()
-        }
-
     def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
@@ -275,7 +196,10 @@ class MDGDEngine:
                 "backward() after the last micro-batch (last=True): call compute_direction() "
                 "or step() first"
             )
-        batch = self._prepare(batch)
+        check_batch(batch)
+        if self.config.mode != "ft":
+            self.visual.check(self.model, batch)
+        batch = to_device(batch, self.device)
         self.exchange.check_micro_batch(self.visual, self.model, batch)
         self._mb = mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
         if self._micro == 0:
@@ -290,8 +214,8 @@ class MDGDEngine:
         except BaseException as e:
             self._reset()  # the partial accumulation is discarded
             self.exchange.discard()
-            if self.dist_mode == "fsdp" and _raised_by_a_collective(e):
-                raise _fsdp_collective_failed(e, self.config.dist_timeout_s) from e
+            if self.dist_mode == "fsdp" and raised_by_a_collective(e):
+                raise fsdp_collective_failed(e, self.config.dist_timeout_s) from e
             raise
         self._counts += mb.counts(self.device)
         self._micro += 1
@@ -388,64 +312,21 @@ class MDGDEngine:
         return out
 
     def _figures_ft(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = self._loss_sums[0] / n
-        nan = torch.full((), math.nan, device=self.device)
-        one = torch.ones((), device=self.device)
-        skipped = (~torch.isfinite(loss)).float()
-        figs = torch.stack([loss, nan, nan, nan, nan, one, nan, nan, skipped])
         self.last_result = self.last_conflict_cos = None
-        return figs.double(), torch.empty(0, device=self.device)
+        return figures_ft(self._loss_sums, n), torch.empty(0, device=self.device)
 
     def _figures_mdgd(
         self, res: mdgd_kernels.MDGDResult, n: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
+        """The first nine figures (float64) and, in ``gm``, the selected segments per parameter."""
         self.last_result = res
-
-        # modality gradient conflict per parameter: Gram entries add over a parameter's blocks
-        st = torch.stack(
-            mdgd_kernels.stat_columns(res.stats, "gt.gt", "gt.ht", "ht.ht"), 1
-        ).double()
-        if self._global:
-            per_param = st
-        else:
-            per_param = torch.zeros(
-                len(self.theta.params), 3, dtype=torch.float64, device=self.device
-            )
-            per_param.index_add_(0, self._owner, st)
-        gg, gh, hh = per_param.unbind(1)
-        defined = (gg > 0) & (hh > 0)
-        conflict = torch.where(defined, gh / (gg * hh).clamp_min(1e-300).sqrt(), math.nan)
+        num_params = len(self.theta.params)
+        conflict, defined = conflict_per_param(res, self._owner, num_params)
         self.last_conflict_cos = conflict.float()
-        n_def = defined.sum()
-        conflict_fraction = ((conflict < 0) & defined).sum() / n_def  # NaN when none is defined
-
-        cos = res.cos.double()
-        sizes = self.layout.sizes_t.double()
-        selected_fraction = (res.mask.double() * sizes).sum() / sizes.sum()
-        figs = torch.cat(
-            [
-                self._loss_sums.double() / n,
-                torch.stack(
-                    [
-                        cos.mean(),
-                        cos.std(correction=0),
-                        selected_fraction,
-                        torch.nanmean(conflict),
-                        conflict_fraction,
-                        res.skipped.double(),
-                    ]
-                ),
-            ]
-        )
-        if cfg.mode != "gm":
+        figs = figures_mdgd(res, conflict, defined, self._loss_sums, n, self.layout.sizes_t)
+        if self.config.mode != "gm":
             return figs, torch.empty(0, device=self.device)
-        # a parameter keeps its gradient when any of its segments is selected
-        if self._global:
-            return figs, res.mask.expand(len(self.theta.params))
-        hits = torch.zeros(len(self.theta.params), device=self.device)
-        hits.index_add_(0, self._owner, res.mask.float())
-        return figs, hits  # selected segments per parameter
+        return figs, selected_per_param(res, self._owner, num_params)
 
     def _raise_nonfinite(self, figures: dict[str, float]) -> None:
         for fg in (self.theta, self.phi):
@@ -518,82 +399,3 @@ class MDGDEngine:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Clip the direction's global norm (over all ranks under FSDP2); returns it."""
         return self.exchange.clip_grad_norm_(max_norm)
-
-
-# ---------------------------------------------------------------------- helpers
-
-
-def _raised_by_a_collective(e: BaseException) -> bool:
-    """Whether ``e`` came out of a torch.distributed collective (its innermost frame)."""
-    if not isinstance(e, RuntimeError):
-        return False
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py")
-
-
-def _fsdp_collective_failed(e: Exception, timeout_s: float) -> RuntimeError:
-    """FSDP2's own collectives (not the driver's) failed inside a forward or backward."""
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return RuntimeError(
-        f"mdgd (rank {rank} of {world}): an FSDP2 collective of the forward/backward "
-        f"(all-gather of the parameters or reduce-scatter of the gradients) did not complete "
-        f"({e}). FSDP2 waits for the process group's timeout, not MDGDConfig.dist_timeout_s "
-        f"({timeout_s:g} s). Another rank failed or did not reach the same step: check the "
-        "other ranks' logs"
-    )
-
-
-def _check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:
-    """Same class, same parameter names and shapes (every parameter, not only the trainable)."""
-    hint = (
-        "MDGD compares two models of one architecture (pass a frozen copy of the pre-trained model)"
-    )
-    if type(ref_model) is not type(model):
-        raise ValueError(
-            f"ref_model is a {type(ref_model).__name__} but model is a {type(model).__name__}: "
-            + hint
-        )
-    mine = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
-    theirs = {canonical_name(n): tuple(p.shape) for n, p in ref_model.named_parameters()}
-    if mine != theirs:
-        only = sorted(set(mine) ^ set(theirs))
-        if only:
-            where = "model" if only[0] in mine else "ref_model"
-            what = f"{only[0]!r} exists only in {where} ({len(only)} such parameter(s))"
-        else:
-            name = next(n for n in mine if mine[n] != theirs[n])
-            what = f"{name!r} is {theirs[name]} in ref_model but {mine[name]} in model"
-        raise ValueError(f"ref_model's architecture differs from model's: {what}; " + hint)
-    check_same_config(model, ref_model)
-
-
-def _matching_params(
-    model: nn.Module, ref_model: nn.Module, named: list[tuple[str, nn.Parameter]]
-) -> list[nn.Parameter]:
-    """phi's parameters with theta's trainable names; phi's other parameters are frozen."""
-    ref = {canonical_name(n): q for n, q in ref_model.named_parameters()}
-    theta_ids = {id(p) for p in model.parameters()}
-    out = []
-    for name, p in named:
-        q = ref.get(canonical_name(name))
-        if q is None:
-            raise ValueError(f"ref_model has no parameter {name!r}: the architectures differ")
-        if q.shape != p.shape or q.dtype != p.dtype:
-            raise ValueError(
-                f"{name}: ref_model has {tuple(q.shape)} {q.dtype}, model has "
-                f"{tuple(p.shape)} {p.dtype}; the two models must match"
-            )
-        q_local, p_local = local_tensor(q), local_tensor(p)
-        shared = q_local.numel() > 0 and q_local.data_ptr() == p_local.data_ptr()
-        if id(q) in theta_ids or shared:
-            raise ValueError(
-                f"ref_model shares parameter {name!r} with model; pass a separate frozen copy "
-                "(e.g. copy.deepcopy(model) before training)"
-            )
-        out.append(q)
-    trainable = {canonical_name(name) for name, _ in named}
-    for name, q in ref.items():
-        q.requires_grad_(name in trainable)
-    return out

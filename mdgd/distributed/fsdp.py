@@ -26,7 +26,9 @@ micro-batch with no image token skips the vision tower, the projector and the
 ``h`` backward, so under FSDP2 the ranks' micro-batches must be text-only
 together or not at all (as LLaVA's modality-grouped sampler makes them);
 :meth:`FSDPExchange.check_micro_batch` raises the same ValueError on every rank
-otherwise, instead of a collective mismatch or a hang.
+otherwise, instead of a collective mismatch or a hang. When one of FSDP2's own
+collectives fails inside a forward or backward anyway, the engine re-raises it
+as :func:`fsdp_collective_failed` says.
 """
 
 from __future__ import annotations
@@ -153,6 +155,28 @@ class FSDPExchange(GradExchange):
                 *bufs, self.local_layout, coef.coeffs[self.seg_of_piece], backend=cfg.backend
             )
         return mdgd_kernels.MDGDResult.of(coef, stats), totals
+
+
+def raised_by_a_collective(e: BaseException) -> bool:
+    """Whether ``e`` came out of a torch.distributed collective (its innermost frame)."""
+    if not isinstance(e, RuntimeError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py")
+
+
+def fsdp_collective_failed(e: Exception, timeout_s: float) -> RuntimeError:
+    """FSDP2's own collectives (not the driver's) failed inside a forward or backward."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return RuntimeError(
+        f"mdgd (rank {rank} of {world}): an FSDP2 collective of the forward/backward "
+        f"(all-gather of the parameters or reduce-scatter of the gradients) did not complete "
+        f"({e}). FSDP2 waits for the process group's timeout, not MDGDConfig.dist_timeout_s "
+        f"({timeout_s:g} s). Another rank failed or did not reach the same step: check the "
+        "other ranks' logs"
+    )
 
 
 def local_pieces(

@@ -1,0 +1,116 @@
+"""LLaVA's JSON format: loading a file, checking each sample, turns as chat messages.
+
+Every problem is a :class:`DataError` naming the file and the sample (index and
+id) or the line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+PLACEHOLDER = "<image>"  # LLaVA's image placeholder in the data, whatever the processor's token
+
+
+class DataError(ValueError):
+    """Bad training data: the message names the file, the sample and what is wrong."""
+
+
+def load_records(path: str | os.PathLike) -> list[dict]:
+    """The samples of a LLaVA-format JSON or JSON Lines file, checked for structure."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{"):
+        records = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})"
+            ) from None
+        if not isinstance(records, list):
+            raise DataError(
+                f"{path}: expected a JSON list of samples, got {type(records).__name__}"
+            )
+    for i, rec in enumerate(records):
+        _check_record(path, i, rec)
+    if not records:
+        raise DataError(f"{path}: no samples")
+    return records
+
+
+def sample_name(index: int, rec: Any) -> str:
+    """``sample 3 (id 'abc')``: how messages name a sample."""
+    sid = rec.get("id") if isinstance(rec, dict) else None
+    return f"sample {index}" + (f" (id {sid!r})" if sid is not None else "")
+
+
+def _check_record(path: Path, i: int, rec: Any) -> None:
+    where = f"{path}: {sample_name(i, rec)}"
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected an object with 'conversations', got {rec!r:.60}")
+    conv = rec.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list of turns")
+    for t, turn in enumerate(conv):
+        ok = isinstance(turn, dict) and isinstance(turn.get("from"), str)
+        ok = ok and turn["from"] in ROLES
+        if not ok or not isinstance(turn.get("value"), str):
+            raise DataError(
+                f'{where}: turn {t} must be {{"from": one of {sorted(ROLES)}, "value": '
+                f"a string}}, got {turn!r:.80}"
+            )
+    if not any(ROLES[turn["from"]] == "assistant" for turn in conv):
+        raise DataError(f"{where}: no assistant ('gpt') turn, nothing to learn from")
+    image = rec.get("image")
+    if image is not None and not (
+        isinstance(image, str)
+        or (isinstance(image, list) and all(isinstance(x, str) for x in image))
+    ):
+        raise DataError(
+            f"{where}: 'image' must be a file name or a list of them, got {image!r:.60}"
+        )
+
+
+def image_files(rec: dict) -> list[str]:
+    """The image files of a sample (none for a text-only one)."""
+    image = rec.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def to_messages(conversations: Sequence[dict]) -> list[dict]:
+    """LLaVA turns as Hugging Face chat messages; ``<image>`` becomes an image part."""
+    messages = []
+    for turn in conversations:
+        role = ROLES[turn["from"]]
+        pieces = turn["value"].split(PLACEHOLDER)
+        content: list[dict] = []
+        for k, piece in enumerate(pieces):
+            if k:
+                content.append({"type": "image"})
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+        messages.append({"role": role, "content": content})
+    return messages
