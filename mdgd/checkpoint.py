@@ -19,7 +19,8 @@ new ``state.pt`` is in place; the old one is removed after that). A load checks
 everything before it changes anything: a truncated or corrupted file, or a
 checkpoint of another trainable set, segment layout or mode, raises
 :class:`CheckpointError` naming the file and the mismatch, and leaves the engine
-as it was.
+as it was. The file handling (atomic writes, generations, verified reads) is
+:mod:`mdgd.checkpoint_files`.
 
 Saved: theta's *trainable* parameters (MDGD never changes the others), the
 optimizer, the scheduler and the GradScaler given to the engine, the CPU (and
@@ -45,51 +46,27 @@ optimizer state to another world size.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import random
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-FORMAT = 2
+from .checkpoint_files import (
+    FORMAT,
+    CheckpointError,
+    join_tensors,
+    next_generation,
+    prune,
+    read_verified,
+    split_tensors,
+    write_generation,
+)
+
 STATE = "state.pt"
 DCP_DIR = "dcp"
-_REF = "__tensor__"
 _MUST_MATCH = ("mode", "granularity")  # config keys a resumed run cannot change
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable, corrupted, or does not fit this engine."""
-
-
-def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """``obj`` with every tensor moved into ``tensors`` and replaced by ``{_REF: key}``."""
-    if isinstance(obj, torch.Tensor):
-        key = f"{prefix}"
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {_REF: key}
-    if isinstance(obj, dict):
-        return {k: _split(v, f"{prefix}/{k}", tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        out = [_split(v, f"{prefix}/{i}", tensors) for i, v in enumerate(obj)]
-        return out if isinstance(obj, list) else tuple(out)
-    return obj
-
-
-def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if set(obj) == {_REF}:
-            return tensors[obj[_REF]]
-        return {k: _join(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        out = [_join(v, tensors) for v in obj]
-        return out if isinstance(obj, list) else tuple(out)
-    return obj
 
 
 def _rng_state() -> dict[str, Any]:
@@ -133,50 +110,12 @@ def save_checkpoint(engine, path: str | Path) -> Path:
     for name, p in zip(engine.theta.names, engine.theta.params):
         tensors[f"model/{name}"] = p.detach().cpu().contiguous()
     state = _engine_state(engine, tensors, ("optimizer", "lr_scheduler", "scaler"))
-    state["rng"] = _split(_rng_state(), "rng", tensors)
-    generation = _generation(path, "state")
-    _write(path, "tensors", "state", state, tensors, engine.step_count, generation)
-    _prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
-    _prune(path, ".*.tmp-*")  # left by saves that were killed
+    state["rng"] = split_tensors(_rng_state(), "rng", tensors)
+    generation = next_generation(path, "state")
+    write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
+    prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
+    prune(path, ".*.tmp-*")  # left by saves that were killed
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic(file: Path, write) -> None:
-    """``write(tmp)`` then fsync and rename ``tmp`` to ``file``: ``file`` is either the
-    old content or the complete new one, whenever the process dies."""
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(file.parent)
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _generation(path: Path, state_name: str) -> int:
-    """One more than the generation of the checkpoint in ``path`` (0 if none)."""
-    try:
-        return int(torch.load(path / f"{state_name}.pt", weights_only=True)["generation"]) + 1
-    except Exception:  # absent, unreadable or of another format: start afresh
-        return 0
 
 
 def load_checkpoint(engine, path: str | Path) -> None:
@@ -190,17 +129,17 @@ def load_checkpoint(engine, path: str | Path) -> None:
         raise RuntimeError(
             "load a checkpoint before backward(), not in the middle of an accumulation"
         )
-    state, tensors = _read(path, "state")
+    state, tensors = read_verified(path, "state")
     _check_compatible(engine, state, path / STATE)
     if engine.dist_mode == "fsdp":
         keys = ("lr_scheduler", "scaler")
-        rng, rng_tensors = _read(path, f"{_rng_name()}-{state['generation']}")
+        rng, rng_tensors = read_verified(path, f"{_rng_name()}-{state['generation']}")
         rng = rng["rng"]
     else:
         keys = ("optimizer", "lr_scheduler", "scaler")
         rng, rng_tensors = state["rng"], tensors
     staged = {key: _staged(engine, key, state, tensors, path / STATE) for key in keys}
-    rng = _join(rng, rng_tensors)
+    rng = join_tensors(rng, rng_tensors)
     # nothing has changed so far; the optimizer checks its groups before it changes
     if engine.dist_mode == "fsdp":
         load_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{state['generation']}")
@@ -224,12 +163,9 @@ def _staged(engine, key: str, state: dict, tensors: dict, file: Path) -> Any:
             f"this engine {'has no' if obj is None else 'has a'} {key}"
         )
     try:
-        return None if saved is None else _join(saved, tensors)
+        return None if saved is None else join_tensors(saved, tensors)
     except KeyError as exc:
         raise CheckpointError(f"{file} refers to tensor {exc} that its tensors file lacks") from exc
-
-
-# ---------------------------------------------------------------------- pieces
 
 
 def _engine_state(engine, tensors: dict[str, torch.Tensor], keys) -> dict[str, Any]:
@@ -244,68 +180,8 @@ def _engine_state(engine, tensors: dict[str, torch.Tensor], keys) -> dict[str, A
     }
     for key in keys:
         obj = getattr(engine, key)
-        state[key] = None if obj is None else _split(obj.state_dict(), key, tensors)
+        state[key] = None if obj is None else split_tensors(obj.state_dict(), key, tensors)
     return state
-
-
-def _write(
-    path: Path, tensors_name: str, state_name: str, state, tensors, step: int, generation: int
-) -> None:
-    """Write ``tensors`` to generation ``generation``'s file, then commit ``state`` (with
-    that file's name, size and hash) to ``state_name.pt``."""
-    file = path / f"{tensors_name}-{generation}.safetensors"
-    metadata = {"format": "mdgd", "step": str(step)}
-    _atomic(file, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    state = dict(state, generation=generation, tensors_file=file.name)
-    state["tensors_bytes"], state["tensors_sha256"] = file.stat().st_size, _sha256(file)
-    state["state_sha256"] = _state_digest(state)
-    _atomic(path / f"{state_name}.pt", lambda tmp: torch.save(state, tmp))
-
-
-def _state_digest(state: dict) -> str:
-    """SHA-256 of the state's ``repr``: plain Python values (its tensors live in the
-    safetensors file), so the ``repr`` of what ``torch.load`` returns is the same."""
-    body = {k: v for k, v in state.items() if k != "state_sha256"}
-    return hashlib.sha256(repr(body).encode()).hexdigest()
-
-
-def _prune(path: Path, pattern: str, *keep: str) -> None:
-    """Remove the files (or directories) of older generations, after a commit."""
-    for old in path.glob(pattern):
-        if old.name not in keep:
-            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-
-
-def _read(path: Path, state_name: str) -> tuple[dict, dict]:
-    """The state and tensors of a checkpoint, verified (format, size, SHA-256)."""
-    file = path / f"{state_name}.pt"
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{file} does not exist: not an mdgd checkpoint, or one written by more ranks "
-            "than this run has (resume FSDP2 runs on the same number of ranks)"
-        )
-    try:
-        state = torch.load(file, weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{file} is truncated or corrupted: {exc}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{file} has format {found!r}, expected {FORMAT}")
-    if state.get("state_sha256") != _state_digest(state):
-        raise CheckpointError(f"{file} is corrupted: its content does not match its SHA-256")
-    data = path / state["tensors_file"]
-    if not data.is_file():
-        raise CheckpointError(f"{data}, which {file} names, does not exist")
-    size = data.stat().st_size
-    if size != state["tensors_bytes"] or _sha256(data) != state["tensors_sha256"]:
-        raise CheckpointError(
-            f"{data} is truncated or corrupted: {size:,} bytes, expected "
-            f"{state['tensors_bytes']:,} with SHA-256 {state['tensors_sha256']}"
-        )
-    try:
-        return state, load_file(str(data))
-    except Exception as exc:
-        raise CheckpointError(f"{data} is corrupted: {exc}") from exc
 
 
 def _check_compatible(engine, state: dict, file: Path) -> None:
@@ -427,21 +303,21 @@ def _save_fsdp(engine, path: Path) -> Path:
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    generation = _generation(path, "state")  # read by every rank before dcp.save syncs them
+    generation = next_generation(path, "state")  # read by every rank before dcp.save syncs them
     rng_tensors: dict[str, torch.Tensor] = {}
-    rng = {"format": FORMAT, "rng": _split(_rng_state(), "rng", rng_tensors)}
+    rng = {"format": FORMAT, "rng": split_tensors(_rng_state(), "rng", rng_tensors)}
     rng_name = f"rng-{rank}-{generation}"
-    _write(path, rng_name, rng_name, rng, rng_tensors, engine.step_count, generation)
+    write_generation(path, rng_name, rng_name, rng, rng_tensors, engine.step_count, generation)
     save_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{generation}")
     dist.barrier()  # every rank's files are complete before the commit
     if rank == 0:
         tensors: dict[str, torch.Tensor] = {}
         state = _engine_state(engine, tensors, ("lr_scheduler", "scaler"))
-        _write(path, "tensors", "state", state, tensors, engine.step_count, generation)
+        write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
     dist.barrier()  # committed: older generations can go
     if rank == 0:
-        _prune(path, f"{DCP_DIR}-*", f"{DCP_DIR}-{generation}")
-        _prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
-        _prune(path, ".*.tmp-*")  # left by saves that were killed
-    _prune(path, f"rng-{rank}-*", f"{rng_name}.pt", f"{rng_name}-{generation}.safetensors")
+        prune(path, f"{DCP_DIR}-*", f"{DCP_DIR}-{generation}")
+        prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
+        prune(path, ".*.tmp-*")  # left by saves that were killed
+    prune(path, f"rng-{rank}-*", f"{rng_name}.pt", f"{rng_name}-{generation}.safetensors")
     return path

@@ -15,6 +15,7 @@ from llava_tiny import one_thread, tiny_llava  # noqa: F401  (fixture)
 from tiny_engines import make_engine, run_steps
 
 import mdgd.checkpoint as ckpt
+import mdgd.checkpoint_files as ckpt_files
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,7 +44,7 @@ class Killed(BaseException):
 
 
 # every file operation of a save, in the order they happen
-FILE_OPS = [(os, "replace"), (os, "fsync"), (ckpt, "save_file"), (torch, "save")]
+FILE_OPS = [(os, "replace"), (os, "fsync"), (ckpt_files, "save_file"), (torch, "save")]
 
 
 def interrupted_save(engine, path, monkeypatch, at: int) -> list[str]:
