@@ -52,16 +52,16 @@ def random_sizes(n: int, seed: int = 4321) -> list[int]:
 
 # name: (sizes, chunk, the modes it runs in)
 LAYOUTS = {
-    # size 1, a prime, just over a Triton block (1024) and a CPU block (2048)
-    "1-7-129-1025-2049": ([1, 7, 129, 1025, 2049], CHUNK, tuple(MODES)),
-    # the real chunk (64 Triton blocks): a segment one short of it, one over (two chunks,
-    # the second of one element); 131K elements: the CPU kernels' parallel path
-    "chunk+-1": ([CHUNK - 1, CHUNK + 1, 3], CHUNK, ("mdgd",)),
-    # a chunk of 1000: 16 chunks, most starting unaligned; a segment of exactly one chunk,
-    # one of a chunk and an element, each side of 512 and 2048; the passes' distinct
-    # paths: 4 buffers read (mdgd), 2 read and zeros written (gm), untouched (no align)
+    # size 1, a prime, each side of a vector step, just over a Triton block (1024)
+    "1-7-129-1025": ([1, 7, 129, 1025], CHUNK, tuple(MODES)),
+    # the real chunk (64 Triton blocks) and an element: two chunks, the second of one
+    # element; 65K elements: the CPU kernels' parallel path
+    "chunk+1": ([CHUNK + 1, 3], CHUNK, ("mdgd",)),
+    # a chunk of 1000: 17 chunks, most starting unaligned; segments of a chunk, one short
+    # and one over, each side of 512 and 2048; the passes' distinct paths: 4 buffers
+    # read (mdgd), 2 read and zeros written (gm), untouched (no align)
     "blocks+-1-chunk1000": (
-        [511, 513, 1000, 1001, 2047, 2049, 4097],
+        [511, 513, 999, 1000, 1001, 2047, 2049, 4097],
         1000,
         ("mdgd", "gm-a0.1", "gm-a0.3-noalign"),
     ),
