@@ -89,6 +89,18 @@ def make_buffers(
     return [b.to(dtype).to(device).contiguous() for b in bufs]
 
 
+AS_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s bits as integers: compares NaN payloads and the sign of zero too."""
+    return x.view(AS_INT[x.dtype])
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(bits(a), bits(b))
+
+
 def assert_stats_close(stats: torch.Tensor, bufs, sizes) -> None:
     ref = reference_gram(*bufs, sizes)
     got = stats.to(torch.float64).cpu()

@@ -11,10 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
+    AS_INT,
     DTYPE_IDS,
     DTYPES,
     assert_direction_close,
     assert_stats_close,
+    bits,
     make_buffers,
     oracle,
 )
@@ -28,11 +30,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 OPS = ("mdgd::segment_gram", "mdgd::segment_combine_")
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view(INT_VIEW[x.dtype])
 
 
 def _gram(bufs, layout):
@@ -79,7 +76,7 @@ def test_bits_do_not_depend_on_thread_count(dtype, seed):
             _combine(out, layout, coeffs)
         results.append((stats, out[0]))
     assert torch.equal(results[0][0], results[1][0]), "statistics depend on the thread count"
-    assert torch.equal(_bits(results[0][1]), _bits(results[1][1])), "d depends on the thread count"
+    assert torch.equal(bits(results[0][1]), bits(results[1][1])), "d depends on the thread count"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
@@ -108,8 +105,8 @@ def test_tails_stay_inside_their_segment(dtype, seed):
     expect = bufs[0].clone()
     torch_backend.segment_combine_(expect, *bufs[1:], layout.chunks, coeffs)
     _combine(bufs, layout, coeffs)
-    assert torch.equal(_bits(storage[0][:32]), _bits(before[:32])), "wrote before the buffer"
-    assert torch.equal(_bits(storage[0][-32:]), _bits(before[-32:])), "wrote past the buffer"
+    assert torch.equal(bits(storage[0][:32]), bits(before[:32])), "wrote before the buffer"
+    assert torch.equal(bits(storage[0][-32:]), bits(before[-32:])), "wrote past the buffer"
     # FMA vs separate multiply-add differs by float32 rounding only
     torch.testing.assert_close(bufs[0].float(), expect.float(), rtol=1e-2, atol=1e-5)
 
@@ -137,7 +134,7 @@ def test_zero_coefficient_buffers_are_not_read(dtype):
     expect[113:] *= 3.0
     _combine(bufs, layout, coeffs)
     assert torch.equal(bufs[0], expect.to(dtype))
-    assert torch.equal(_bits(bufs[0][40:73]), torch.zeros(33, dtype=INT_VIEW[dtype])), "+0, not -0"
+    assert torch.equal(bits(bufs[0][40:73]), torch.zeros(33, dtype=AS_INT[dtype])), "+0, not -0"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -147,17 +144,17 @@ def test_identity_rows_keep_every_bit(dtype):
     bufs[0][:4] = torch.tensor([-0.0, float("nan"), float("-inf"), 0.0])
     bufs[0][20:24] = torch.tensor([-0.0, float("nan"), float("-inf"), 0.0])
     if dtype == torch.float32:  # a NaN payload a float round trip would lose
-        _bits(bufs[0])[5] = 0x7FC00123
-        _bits(bufs[0])[25] = 0x7FC00123
+        bits(bufs[0])[5] = 0x7FC00123
+        bits(bufs[0])[25] = 0x7FC00123
     for b in bufs[1:]:
         b[:40] = float("nan")
     layout = mk.get_layout(sizes, "cpu")
     coeffs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, -0.0, -0.0, -0.0], [1.0, 1.0, 0.0, 0.0]])
     before = bufs[0].clone()
     _combine(bufs, layout, coeffs)
-    assert torch.equal(_bits(bufs[0][:40]), _bits(before[:40])), "identity rows must not write"
+    assert torch.equal(bits(bufs[0][:40]), bits(before[:40])), "identity rows must not write"
     expect = (before[40:].float() + bufs[1][40:].float()).to(dtype)
-    assert torch.equal(_bits(bufs[0][40:]), _bits(expect)), "gt + ht is rounded once"
+    assert torch.equal(bits(bufs[0][40:]), bits(expect)), "gt + ht is rounded once"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -178,7 +175,7 @@ def test_gm_coefficients_match_torch_backend_bitwise(dtype, seed):
     got, want = bufs[0].clone(), bufs[0].clone()
     _combine([got, *bufs[1:]], layout, coeffs)
     torch_backend.segment_combine_(want, *bufs[1:], layout.chunks, coeffs)
-    assert torch.equal(_bits(got), _bits(want))
+    assert torch.equal(bits(got), bits(want))
 
 
 def test_cpp_guards_reject_malformed_tables():

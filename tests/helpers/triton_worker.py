@@ -4,18 +4,20 @@ Not a test file. ``triton.jit`` picks "interpreted or compiled" when a kernel is
 decorated, from ``TRITON_INTERPRET``, so the interpreter cases cannot share the
 test process with the AOT tests (nor should the variable leak into other test
 files). They run in one worker subprocess, started with ``TRITON_INTERPRET=1`` by
-running this file as a script (``--serve``): each parametrised test sends it one
-``case_*`` function of ``triton_cases.py`` by name and re-raises its failure, so
-every case is still reported on its own.
+running this file as a script (``--serve``): each parametrised test sends it a
+function by its ``module.name`` (the shared cases of ``op_cases.py``, the Triton-only
+ones of ``triton_cases.py``) and re-raises its failure, so every case is still
+reported on its own.
 
     worker = Worker()
-    worker.run("case_direction", dtype="bf16", ...)  # fails the calling test on error
+    worker.run("triton_cases.case_gram_config", dtype="bf16", ...)  # fails the test on error
     worker.close()
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
 import pickle
@@ -34,7 +36,7 @@ REPO = TESTS.parent
 
 
 class Worker:
-    """One ``TRITON_INTERPRET=1`` subprocess running ``case_*`` functions on request."""
+    """One ``TRITON_INTERPRET=1`` subprocess running test-helper functions on request."""
 
     TIMEOUT_S = 300
 
@@ -55,6 +57,7 @@ class Worker:
         )
 
     def run(self, name: str, **kwargs) -> None:
+        """Call ``name`` (``module.function`` of tests/helpers) with ``kwargs`` in the worker."""
         if self.proc is None or self.proc.poll() is not None:
             self.proc = self._start()
         _send(self.proc.stdin, (name, kwargs))
@@ -110,14 +113,13 @@ def _serve() -> None:
             return
         buf = io.StringIO()
         try:
+            module, func = name.rsplit(".", 1)
             with contextlib.redirect_stdout(buf):
-                getattr(triton_cases, name)(**kwargs)
+                getattr(importlib.import_module(module), func)(**kwargs)
             _send(replies, (True, buf.getvalue()))
         except BaseException:  # report everything, including pytest.fail/skip exceptions
             _send(replies, (False, buf.getvalue() + traceback.format_exc()))
 
 
 if __name__ == "__main__" and "--serve" in sys.argv:
-    import triton_cases
-
     _serve()
