@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from conftest import DTYPE_IDS, DTYPES, make_buffers
-from op_cases import CASE_IDS, CASES, opcheck_ops, run_case
+from op_cases import CASE_IDS, CASES, LARGE_CASE_IDS, LARGE_CASES, opcheck_ops, run_case
 
 import mdgd_kernels as mk
 from mdgd_kernels.reference import reference_top_alpha
@@ -26,6 +26,12 @@ BACKENDS = [b for b in mk.available_backends("cpu") if b != "triton"]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_op_case(case, backend, seed):
+    run_case(case, backend, "cpu", seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", LARGE_CASES, ids=LARGE_CASE_IDS)
+def test_op_case_large(case, backend, seed):
     run_case(case, backend, "cpu", seed)
 
 

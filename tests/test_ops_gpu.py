@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 from conftest import DTYPE_IDS, DTYPES
-from op_cases import CASE_IDS, CASES, opcheck_ops, run_case
+from op_cases import CASE_IDS, CASES, LARGE_CASE_IDS, LARGE_CASES, opcheck_ops, run_case
 
 import mdgd_kernels as mk
 
@@ -33,7 +33,7 @@ def _require(backend: str) -> None:
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", CASES + LARGE_CASES, ids=CASE_IDS + LARGE_CASE_IDS)
 def test_op_case_gpu(case, backend, seed):
     _require(backend)
     run_case(case, backend, "cuda", seed)

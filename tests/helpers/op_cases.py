@@ -68,6 +68,13 @@ LAYOUTS = {
     # many segments: the chunk table and the top-alpha ranking by elements and by segments
     "40segs": (random_sizes(40), CHUNK, ("gm-a0.1", "gm-a0.5-segments")),
 }
+# Production-size layouts, every mode: run by the backends at native speed (cpu, torch,
+# and triton/cuda on a GPU); the interpreter would take minutes, so it runs LAYOUTS only.
+LARGE_LAYOUTS = {
+    "65537": ([65537], CHUNK, tuple(MODES)),
+    "chunk+-1": ([CHUNK - 1, CHUNK, CHUNK + 1, 3], CHUNK, tuple(MODES)),
+    "500segs": (random_sizes(500), CHUNK, tuple(MODES)),
+}
 EDGE_SIZES = [1, 7, 129, 1025]
 NONFINITE_SIZES = [5, 1, 300, 77]
 SCALE_SIZES = [1, 7, 129, 300, 2]
@@ -87,14 +94,17 @@ class Case(NamedTuple):
         return "-".join([self.func, *map(str, self.kwargs.values())])
 
 
+def _direction_cases(layouts: dict) -> list[Case]:
+    return [
+        Case("direction", dict(layout=layout, mode=m, dtype=d))
+        for layout, (_, _, modes) in layouts.items()
+        for m in modes
+        for d in DTYPE_NAMES
+    ]
+
+
 def _case_table() -> list[Case]:
-    cases = []
-    for layout, (_, _, modes) in LAYOUTS.items():
-        cases += [
-            Case("direction", dict(layout=layout, mode=m, dtype=d))
-            for m in modes
-            for d in DTYPE_NAMES
-        ]
+    cases = _direction_cases(LAYOUTS)
     for mode in ("mdgd", "gm-a0.5-segments"):
         cases += [
             Case("edge", dict(case=c, mode=mode, dtype=d)) for c in EDGE_CASES for d in DTYPE_NAMES
@@ -120,6 +130,8 @@ def _case_table() -> list[Case]:
 
 CASES = _case_table()
 CASE_IDS = [c.id for c in CASES]
+LARGE_CASES = _direction_cases(LARGE_LAYOUTS)
+LARGE_CASE_IDS = [c.id for c in LARGE_CASES]
 
 
 def run_case(case: Case, backend: str, device: str, seed: int) -> None:
@@ -192,7 +204,7 @@ def _segment_finite(bufs, sizes) -> torch.Tensor:
 
 def case_direction(backend: str, device: str, *, layout: str, mode: str, dtype: str, seed: int):
     """Every output against the oracle on one layout, chunk size and mode."""
-    sizes, chunk, _ = LAYOUTS[layout]
+    sizes, chunk, _ = {**LAYOUTS, **LARGE_LAYOUTS}[layout]
     kw = MODES[mode]
     bufs = make_buffers(sizes, DTYPE_BY_ID[dtype], seed=seed)
     d, res = _run(backend, _on(device, bufs), mk.get_layout(sizes, device, chunk), **kw)
