@@ -5,6 +5,8 @@ Table 1, on a laptop CPU), ``mdgd bench`` (the fused-op benchmark) and ``mdgd in
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 from pathlib import Path
 
@@ -207,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_before_gloo_teardown(code: int) -> None:
+    """Under torchrun with a gloo process group: run the exit handlers, then end the
+    process without finalizing the interpreter (does not return).
+
+    A gloo worker thread can still be releasing the tensors of the last collective
+    when the interpreter finalizes; taking the GIL then aborts the rank ("terminate
+    called without an active exception", exit -6) after training has succeeded.
+    ``destroy_process_group`` does not stop those threads once
+    ``torch.distributed.nn.functional`` is imported after the group exists (its
+    default arguments hold the group), which ``transformers`` does.
+    """
+    import torch.distributed as dist
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not a torchrun / accelerate launch rank
+        return
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        return
+    atexit._run_exitfuncs()  # logging, tracker and hub handlers run as at a normal exit
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -218,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "train":
         from mdgd.train import main as train_main  # lazy: imports transformers
 
-        return train_main(rest)
+        code = train_main(rest)
+        _exit_before_gloo_teardown(code)
+        return code
     if command == "demo":
         demo_main(rest)
     elif command == "info":
