@@ -3,7 +3,8 @@
 * :mod:`mdgd_bench.ops`: the fused ops against the pure-torch ways of writing them
   (``mdgd bench``, ``python benchmarks/bench_ops.py``);
 * :mod:`mdgd_bench.step`: one training step of a small LLaVA, fine-tuning against MDGD
-  (``mdgd bench step``, ``python benchmarks/bench_step.py``);
+  (``mdgd bench step``, ``python benchmarks/bench_step.py``), its rows' engines in
+  :mod:`mdgd_bench.step_engines`;
 * :mod:`mdgd_bench.timing`: device sync, medians with 20th/80th percentiles, the machine;
 * :mod:`mdgd_bench.results`: where the JSON results go and how they are named.
 

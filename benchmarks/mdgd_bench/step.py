@@ -69,84 +69,13 @@ MODES = ("ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute")
 DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
 
 
-# ---------------------------------------------------------------------- engine variants
-
-
-def engine_class(mode: str):
-    from mdgd import MDGDEngine
-    from mdgd.visual import visual_l1
-    from mdgd_kernels.reference import per_tensor_direction_
-
-    if mode in ("ft", "mdgd", *DIST_MODES):
-        return MDGDEngine
-
-    if mode == "mdgd-per-tensor":
-        from mdgd.distributed import LocalExchange
-
-        class PerTensorExchange(LocalExchange):
-            """The fused op replaced by the per-tensor loop."""
-
-            def direction(self, loss_sums, n):
-                totals = self.reduce(loss_sums, n)
-                per_tensor_direction_(
-                    self.theta.views["g"],
-                    self.theta.views["h"],
-                    self.phi.views["g"],
-                    self.phi.views["h"],
-                    align=self.config.align,
-                )
-                if n > 1:
-                    self.theta.buffers["g"].mul_(1.0 / n)
-                return None, totals
-
-        class PerTensor(MDGDEngine):
-            """MDGD with the per-tensor op; no statistics reported."""
-
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self.exchange.__class__ = PerTensorExchange
-
-            def _figures_mdgd(self, res, n):
-                nan = torch.full((6,), math.nan, device=self.device, dtype=torch.float64)
-                nan[2], nan[5] = 1.0, 0.0  # selected_fraction, skipped
-                figs = torch.cat([self._loss_sums.double() / n, nan])
-                return figs, torch.empty(0, device=self.device)
-
-        return PerTensor
-
-    class Recompute(MDGDEngine):
-        """backward(L_vl) frees its graph; L_v is recomputed by two more forwards."""
-
-        def _backward_mdgd(self, batch, last):
-            out_t, out_p = self.model(**batch), self.ref_model(**batch)
-            self.theta.point("g")
-            self.phi.point("g")
-            self.exchange.before_backward("g", last)
-            (out_t.loss + out_p.loss).backward()
-            self.exchange.after_backward("g", last)
-            kw = {**self.visual.forward_kwargs, "logits_to_keep": 1}
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            z_t, mask = self.visual(self.model, batch, self.model(**inputs, **kw))
-            z_p, _ = self.visual(self.ref_model, batch, self.ref_model(**inputs, **kw))
-            loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
-            self.theta.point("h")
-            self.phi.point("h")
-            self.exchange.before_backward("h", last)
-            loss_v.backward()
-            self.exchange.after_backward("h", last)
-            losses = torch.stack([out_t.loss.detach(), out_p.loss.detach(), loss_v.detach()])
-            self._loss_sums += losses.float()
-            return losses[0]
-
-    return Recompute
-
-
 # ---------------------------------------------------------------------- one row (worker)
 
 
 def worker(args: argparse.Namespace) -> dict:
     from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable, shard_models
     from mdgd.testing import perturbed_copy, random_batch, tiny_llava
+    from mdgd_bench.step_engines import engine_class
 
     if args.threads:
         torch.set_num_threads(args.threads)
