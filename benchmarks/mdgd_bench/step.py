@@ -59,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from mdgd_bench import results
+from mdgd_bench.model import add_size_arguments, size_kwargs
 from mdgd_bench.timing import machine, p20_p80, sync, utc_now
 
 # the folder that holds this package: put on the workers' PYTHONPATH so that they import
@@ -85,17 +86,7 @@ def worker(args: argparse.Namespace) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    size = dict(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        vision_hidden=args.vision_hidden,
-        vision_layers=args.vision_layers,
-        text_hidden=args.text_hidden,
-        text_layers=args.text_layers,
-        heads=args.heads,
-        vocab_size=args.vocab_size,
-    )
-    ref = tiny_llava(seed=0, dtype=dtype, **size).to(device)
+    ref = tiny_llava(seed=0, dtype=dtype, **size_kwargs(args)).to(device)
     theta = perturbed_copy(ref, seed=1)
     algo = "ft" if args.mode == "ft" else "mdgd"
     if algo == "ft":
@@ -291,14 +282,7 @@ def parse(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--text-len", type=int, default=64, help="text tokens after the image")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--vision-hidden", type=int, default=128)
-    p.add_argument("--vision-layers", type=int, default=2)
-    p.add_argument("--text-hidden", type=int, default=256)
-    p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=1000)
+    add_size_arguments(p)
     p.add_argument("--trainable-layers", type=int, default=4, help="last N text layers + projector")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
