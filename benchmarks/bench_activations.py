@@ -31,6 +31,7 @@ import subprocess
 import sys
 
 import torch
+from mdgd_bench.model import add_size_arguments, size_kwargs
 
 
 def _resident_bytes() -> int:
@@ -44,16 +45,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     device = torch.device(args.device)
-    size = dict(
-        image_size=args.image_size,
-        patch_size=args.patch_size,
-        vision_hidden=args.vision_hidden,
-        text_hidden=args.text_hidden,
-        text_layers=args.text_layers,
-        heads=args.heads,
-        vocab_size=args.vocab_size,
-    )
-    phi = tiny_llava(seed=0, **size).to(device).eval()
+    phi = tiny_llava(seed=0, **size_kwargs(args)).to(device).eval()
     mark_trainable(phi, llava_trainable_patterns(phi, args.trainable_layers))
     if args.variant == "recompute":
         recompute_layers(phi)
@@ -86,13 +78,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--text-len", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--patch-size", type=int, default=8)
-    p.add_argument("--vision-hidden", type=int, default=128)
-    p.add_argument("--text-hidden", type=int, default=256)
-    p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=1000)
+    add_size_arguments(p, skip=("vision_layers",))  # tiny_llava's one vision layer
     p.add_argument("--trainable-layers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # worker

@@ -1,8 +1,9 @@
-"""Benchmark the fused MDGD ops; see :mod:`mdgd.bench` (same as ``mdgd bench``)."""
+"""The op benchmark, the same as ``mdgd bench``: its code is :mod:`mdgd_bench.ops`.
 
-import sys
+python benchmarks/bench_ops.py --quick
+"""
 
-from mdgd.bench import main
+from mdgd_bench.ops import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

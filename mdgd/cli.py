@@ -1,14 +1,16 @@
 """The ``mdgd`` command: ``mdgd demo`` (visual forgetting, in the shape of the paper's
-Table 1, on a laptop CPU), ``mdgd bench`` (the fused-op benchmark) and ``mdgd info``
+Table 1, on a laptop CPU), ``mdgd bench`` (the benchmarks of ``benchmarks/``) and ``mdgd info``
 (versions, extension and backends, for bug reports)."""
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import importlib
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 DEMO_DESCRIPTION = """\
 Show what MDGD is for, on your CPU, in a few minutes.
@@ -193,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     sub.add_parser(
-        "bench", help="benchmark the fused MDGD ops against pure-torch versions", add_help=False
+        "bench",
+        help="benchmark the fused MDGD ops against pure-torch versions; 'mdgd bench step': "
+        "one training step, fine-tuning vs MDGD",
+        add_help=False,
     )
     sub.add_parser(
         "info",
@@ -253,10 +258,46 @@ def main(argv: list[str] | None = None) -> int:
 
         info_main(rest)
     else:
-        from mdgd.bench import main as bench_main  # lazy: the demo never needs the op benchmark
-
         bench_main(rest)
     return 0
+
+
+BENCHMARKS = ("ops", "step")  # modules of mdgd_bench; `mdgd bench` alone is `mdgd bench ops`
+
+
+def bench_main(argv: list[str]) -> None:
+    """``mdgd bench [ops|step] [options]``: run a benchmark of ``benchmarks/``.
+
+    Their code is the package ``mdgd_bench`` (``benchmarks/mdgd_bench/`` in a checkout),
+    which the wheel installs beside ``mdgd``; the scripts ``benchmarks/bench_ops.py`` and
+    ``bench_step.py`` call the same ``main`` functions, so nothing is written twice.
+    """
+    name = argv[0] if argv and argv[0] in BENCHMARKS else "ops"
+    rest = argv[1:] if argv and argv[0] in BENCHMARKS else argv
+    prog = "mdgd bench" if name == "ops" else f"mdgd bench {name}"
+    benchmark_module(name).main(rest, prog=prog)
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """``mdgd_bench.<name>``, imported lazily (the demo and training never need it).
+
+    Run from a checkout (installed editable, or only on PYTHONPATH), this mdgd's own
+    ``benchmarks/`` folder goes first on ``sys.path``, so that the benchmarks beside it run,
+    never those of another install.
+    """
+    checkout = Path(__file__).resolve().parents[1] / "benchmarks"
+    if (checkout / "mdgd_bench").is_dir() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        return importlib.import_module(f"mdgd_bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "mdgd_bench":
+            raise
+        raise SystemExit(
+            "mdgd bench: the benchmarks (package mdgd_bench) are not installed beside mdgd; "
+            "reinstall mdgd from its wheel, or run `pip install --no-build-isolation -e .` "
+            "in a checkout"
+        ) from exc
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,13 +43,23 @@ def test_demo_help_explains_every_option(capsys):
     assert "Phase 1" in out and "Phase 2" in out
 
 
-def test_bench_forwards_its_arguments(monkeypatch):
-    import mdgd.bench
+@pytest.mark.parametrize(
+    "argv, module, prog",
+    [
+        (["--quick", "--workload", "small"], "ops", "mdgd bench"),
+        (["ops", "--quick", "--workload", "small"], "ops", "mdgd bench"),
+        (["step", "--quick", "--workload", "small"], "step", "mdgd bench step"),
+    ],
+    ids=["default-ops", "ops", "step"],
+)
+def test_bench_forwards_its_arguments(monkeypatch, argv, module, prog):
+    from mdgd.cli import benchmark_module
 
     seen = []
-    monkeypatch.setattr(mdgd.bench, "main", lambda argv=None: seen.append(argv))
-    assert main(["bench", "--quick", "--workload", "small"]) == 0
-    assert seen == [["--quick", "--workload", "small"]]
+    bench = benchmark_module(module)
+    monkeypatch.setattr(bench, "main", lambda argv=None, prog=None: seen.append((argv, prog)))
+    assert main(["bench", *argv]) == 0
+    assert seen == [(["--quick", "--workload", "small"], prog)]
 
 
 def test_python_m_mdgd_and_lazy_bench_import():
@@ -57,7 +67,7 @@ def test_python_m_mdgd_and_lazy_bench_import():
         "import sys\n"
         "from mdgd.cli import main\n"
         "try:\n    main(['demo', '--help'])\nexcept SystemExit:\n    pass\n"
-        "print('BENCH_IMPORTED', 'mdgd.bench' in sys.modules)\n"
+        "print('BENCH_IMPORTED', 'mdgd_bench' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "BENCH_IMPORTED False" in out.stdout

@@ -2,6 +2,8 @@
 
 * The sdist, built from a copy of the source tree, lists every file under csrc/
   (CUDA sources included, on a machine without CUDA) and no build output.
+* The wheel built from that sdist holds the packages ``mdgd``, ``mdgd_kernels`` and
+  ``mdgd_bench`` (the benchmarks' code, from benchmarks/mdgd_bench/) and nothing else.
 * An extension whose build record says it was built against another torch, or
   not built at all, is never loaded: import falls back to the torch backend,
   warns once, and says why (and to rebuild); a record of this torch loads it.
@@ -22,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -64,10 +67,24 @@ def test_sdist_lists_every_csrc_file(sdist):
     csrc = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").rglob("*") if p.is_file()}
     assert {"csrc/cuda/segment_gram.cu", "csrc/cuda/chunk_io.cuh", "csrc/mdgd_common.h"} <= csrc
     assert csrc - names == set(), f"missing from the sdist: {sorted(csrc - names)}"
-    for needed in ("setup.py", "pyproject.toml", "MANIFEST.in", "tests/conftest.py"):
+    needed_files = ("setup.py", "pyproject.toml", "MANIFEST.in", "tests/conftest.py")
+    for needed in (*needed_files, "benchmarks/bench_step.py", "benchmarks/mdgd_bench/ops.py"):
         assert needed in names, f"{needed} missing from the sdist"
     outputs = [n for n in names if n.endswith((".so", ".o")) or n.endswith("_C_build.json")]
     assert not outputs, f"build outputs in the sdist: {outputs}"
+
+
+def test_wheel_holds_the_three_packages_and_nothing_else(sdist, tmp_path):
+    env = {**os.environ, "MDGD_SKIP_EXT": "1"}  # the packaging, not the compiler, is tested
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps"]
+    _run([*cmd, "-w", tmp_path, sdist], env=env, timeout=PIP_TIMEOUT_S)
+    (wheel,) = tmp_path.glob("mdgd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tops = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert tops == {"mdgd", "mdgd_kernels", "mdgd_bench"}, sorted(tops)
+    bench = ROOT / "benchmarks"
+    code = {p.relative_to(bench).as_posix() for p in (bench / "mdgd_bench").glob("*.py")}
+    assert code - names == set(), f"benchmark code missing from the wheel: {code - names}"
 
 
 # --------------------------------------------------------------------------- build record

@@ -8,7 +8,9 @@ one, heads ``sys.path``), so that it imports the installed package. It imports
 ``mdgd_kernels``, checks which backend ``backend=None`` picks and that the
 fallback warning comes exactly once when it is ``torch``, runs
 ``mdgd_direction_`` twice on fresh random buffers against the float64 oracle,
-and prints the ``mdgd_kernels.info`` report.
+and prints the ``mdgd_kernels.info`` report. Then it checks that ``mdgd bench``
+finds the benchmarks' code the wheel installs (``mdgd_bench``) and that their
+results would go to the user's data directory, not into site-packages.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ def _check_op(mk, reference_direction) -> None:
         torch.testing.assert_close(out[0].double(), ref.direction, rtol=1e-4, atol=1e-4)
 
 
+def _check_benchmarks(site: Path) -> str:
+    from mdgd.cli import benchmark_module
+
+    for name in ("ops", "step"):
+        where = Path(benchmark_module(name).__file__).resolve()
+        assert site in where.parents, f"mdgd bench imports {where}, not the install under {site}"
+    results = benchmark_module("results").default_dir()
+    assert site not in results.parents, f"results would go into the install: {results}"
+    return f"mdgd bench: the benchmarks under {site}, results to {results}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -53,7 +66,8 @@ def main() -> None:
     assert len(fallback) == (expect == "torch"), f"fallback warnings: {fallback}"
     from mdgd_kernels.info import report
 
-    print(*fallback, report(), f"smoke test passed on backend {picked!r}", sep="\n")
+    benchmarks = _check_benchmarks(site)
+    print(*fallback, report(), benchmarks, f"smoke test passed on backend {picked!r}", sep="\n")
 
 
 if __name__ == "__main__":

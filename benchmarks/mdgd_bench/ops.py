@@ -32,21 +32,15 @@ the timed region), because the op overwrites it. Times are medians with the
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
 import mdgd_kernels as mk
+from mdgd_bench import results
+from mdgd_bench.timing import machine, time_call, utc_now
 from mdgd_kernels.backends import kernels
 from mdgd_kernels.reference import per_tensor_direction_
 
@@ -91,43 +85,11 @@ class Report:
     rows: list[Row] = field(default_factory=list)
 
 
-# --------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], None], setup: Callable[[], None], device, repeats: int, warmup: int = 2):
-    """Median and 20/80th percentiles in ms; ``setup`` runs untimed before each call."""
-    for _ in range(warmup):
-        setup()
-        fn()
-    times = []
-    for _ in range(repeats):
-        setup()
-        _sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return statistics.median(times), q[0], q[3]
-
-
 def copy_bandwidth(device: torch.device, nbytes: int, repeats: int) -> float:
     """GB/s of ``dst.copy_(src)``, counting the bytes read plus the bytes written."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    med, _, _ = _time(lambda: dst.copy_(src), lambda: None, device, repeats)
+    med = time_call(lambda: dst.copy_(src), lambda: None, device, repeats).median_ms
     return 2 * nbytes / (med * 1e-3) / 1e9
 
 
@@ -171,44 +133,6 @@ def _buffers(sizes, dtype, device, sets: int):
     return out
 
 
-def _machine(device: torch.device) -> dict:
-    info = {
-        "device": str(device),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "commit": _git_commit(),
-        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def bench_workload(
     name: str, sizes: list[int], dtype: torch.dtype, device: torch.device, args, copy_bw: float
 ) -> list[Row]:
@@ -236,7 +160,7 @@ def bench_workload(
     def add(method, fn, traffic, setup=restore, repeats=args.repeats, peak=None):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        med, p20, p80 = _time(fn, setup, device, repeats)
+        med, p20, p80 = time_call(fn, setup, device, repeats)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device) / 2**20
         gbps = traffic * elem * n / (med * 1e-3) / 1e9
@@ -326,11 +250,12 @@ def _print_table(report: Report) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mdgd bench",
+        prog=prog,
         description="Benchmark the fused MDGD ops against pure-torch references "
         "(per-tensor loop, torch backend, torch.compile) and the machine's copy bandwidth.",
+        epilog="The training-step benchmark is 'mdgd bench step' (benchmarks/bench_step.py).",
     )
     p.add_argument(
         "--workload",
@@ -363,23 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-torch-backend", action="store_true", help="skip the composed-torch backend"
     )
-    p.add_argument(
-        "--out",
-        default="benchmarks/results",
-        help="directory for the JSON results (default: benchmarks/results)",
-    )
+    results.add_arguments(p)
     return p
 
 
-def main(argv: list[str] | None = None) -> Report:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> Report:
+    """Run the op benchmark (``argv`` as on the command line), print the table, save the JSON."""
+    args = build_parser(prog).parse_args(argv)
+    started = utc_now()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     repeats = max(3, args.repeats)
     args.repeats = repeats
     copy_bytes = (64 << 20) if args.quick else (1 << 30)
     copy_bw = copy_bandwidth(device, copy_bytes, repeats)
-    report = Report(machine=_machine(device), copy_bw_gbps=copy_bw, dtype=args.dtype)
+    report = Report(machine=machine(device, started), copy_bw_gbps=copy_bw, dtype=args.dtype)
     print(f"copy bandwidth on {device}: {copy_bw:.1f} GB/s", flush=True)
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     for name in names:
@@ -387,14 +310,10 @@ def main(argv: list[str] | None = None) -> Report:
         print(f"workload {name}: {len(sizes):,} tensors, {sum(sizes):,} elements", flush=True)
         report.rows += bench_workload(name, sizes, dtype, device, args, copy_bw)
     _print_table(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    tag = "quick-" if args.quick else ""
-    path = out / f"ops-{tag}{device.type}-{args.dtype}-{stamp}.json"
-    payload = asdict(report)
-    path.write_text(json.dumps(payload, indent=2))
-    print(f"saved {path}")
+    record = {"benchmark": "ops", **asdict(report)}
+    results.save(
+        record, args, benchmark="ops", device=device.type, dtype=args.dtype, started=started
+    )
     return report
 
 

@@ -1,0 +1,382 @@
+"""Step benchmark: one training step of a small LLaVA, plain fine-tuning vs MDGD.
+
+    python benchmarks/bench_step.py                 # default small LLaVA, CPU or CUDA
+    python benchmarks/bench_step.py --quick         # a smaller one, one round (a smoke test)
+    python benchmarks/bench_step.py --text-layers 8 --trainable-layers 8 --batch-size 8
+
+(``mdgd bench step`` runs the same code.)
+
+Rows (each in fresh subprocesses, so that its peak memory is its own; with
+``--rounds`` > 1 the rows alternate, so a shared host's noise spreads over all):
+
+* ``ft``: ``MDGDEngine`` in ``mode="ft"``: one forward/backward of theta, the
+  optimizer step (what plain fine-tuning costs);
+* ``mdgd``: MDGD with the fused op (``mdgd_kernels.mdgd_direction_``, the
+  automatic backend: C++ on CPU, Triton/CUDA on GPUs);
+* ``mdgd-per-tensor``: MDGD with the per-tensor reference op a user writes by
+  hand (``mdgd_kernels.reference.per_tensor_direction_``, a Python loop of float32
+  ``torch.dot``/``add_`` per parameter, a host sync per tensor);
+* ``mdgd-recompute``: MDGD that recomputes both forwards for the ``L_v``
+  backward instead of retaining the graph of the first backward (the design
+  question "retain or recompute?", answered by measurement);
+* ``mdgd-dp`` and ``mdgd-fsdp`` (ask for them with ``--modes``): MDGD under
+  ``torchrun`` with ``--nproc`` processes (gloo on CPU, NCCL on CUDA), in
+  ``distributed="dp"`` (unwrapped models, the four full buffers all-reduced)
+  and ``"fsdp"`` (both models sharded by ``mdgd.shard_models``). Each rank runs
+  its own batch; the step time is rank 0's, and the row adds each rank's bytes
+  of gradient buffers, optimizer state and parameters (local shards of both
+  models), and the largest per-rank peak memory.
+
+Every MDGD row runs two forwards (theta and phi), ``backward(L_vl(theta) +
+L_vl(phi))`` into the ``g`` buffers and ``backward(L_v)`` into the ``h`` buffers,
+then the op and AdamW. Reported per row: samples/s (batch / median step time),
+the median step time with its 20th/80th percentiles, the split of the median
+step into forward+backward, direction (op) and optimizer, the peak memory, and
+ratios against ``ft`` and against the fused ``mdgd`` row.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps;
+on CPU the process's peak resident set size (``ru_maxrss``: models, optimizer
+state, buffers, activations and the Python/torch runtime, which every row pays
+alike). Caveats: CPU timings on a shared machine are noisy (the percentiles
+show it); the model is small, so the op is a small share of the step: the op's
+own speed is measured by the op benchmark (:mod:`mdgd_bench.ops`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mdgd_bench import results
+from mdgd_bench.model import add_size_arguments, size_kwargs
+from mdgd_bench.timing import machine, p20_p80, sync, utc_now
+
+# the folder that holds this package: put on the workers' PYTHONPATH so that they import
+# this same code, from a checkout's benchmarks/ or from an installed wheel
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+
+MODES = ("ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute")
+DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
+
+
+# ---------------------------------------------------------------------- one row (worker)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable, shard_models
+    from mdgd.testing import perturbed_copy, random_batch, tiny_llava
+    from mdgd_bench.step_engines import engine_class
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rank, world = 0, 1
+    if args.mode in DIST_MODES:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    ref = tiny_llava(seed=0, dtype=dtype, **size_kwargs(args)).to(device)
+    theta = perturbed_copy(ref, seed=1)
+    algo = "ft" if args.mode == "ft" else "mdgd"
+    if algo == "ft":
+        del ref
+        ref = None
+    patterns = llava_trainable_patterns(theta, args.trainable_layers)
+    dmode = DIST_MODES.get(args.mode, "none")
+    cfg = MDGDConfig(mode=algo, trainable=patterns, distributed=dmode)
+    mark_trainable(theta, patterns)  # before the optimizer is built
+    if dmode == "fsdp":
+        shard_models(theta, ref)
+    opt = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-5)
+    engine = engine_class(args.mode)(theta, ref, opt, cfg)
+    batches = [
+        random_batch(
+            theta.config, args.batch_size, args.text_len, seed=i * world + rank, device=device
+        )
+        for i in range(4)
+    ]
+    if dtype != torch.float32:
+        for b in batches:
+            b["pixel_values"] = b["pixel_values"].to(dtype)
+
+    total, fwd_bwd, direction, optim = [], [], [], []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batch = batches[i % len(batches)]
+        sync(device)
+        t0 = time.perf_counter()
+        engine.backward(batch, last=True)
+        sync(device)
+        t1 = time.perf_counter()
+        engine.compute_direction()
+        sync(device)
+        t2 = time.perf_counter()
+        opt.step()
+        sync(device)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            total.append(t3 - t0)
+            fwd_bwd.append(t1 - t0)
+            direction.append(t2 - t1)
+            optim.append(t3 - t2)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    row = {
+        "mode": args.mode,
+        "times": {"step": total, "fwd_bwd": fwd_bwd, "direction": direction, "optimizer": optim},
+        "peak_mem_mb": peak / 2**20,
+        "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS",
+        "trainable_params": sum(p.numel() for p in engine.theta.params),
+        "trainable_tensors": len(engine.theta.params),
+        "total_params": sum(p.numel() for p in theta.parameters()),
+        "image_tokens": (args.image_size // args.patch_size) ** 2,
+    }
+    if dmode == "none":
+        return row
+    row["world"] = world
+    row.update(per_rank_bytes(engine, [theta, ref], opt))
+    rows: list[dict] = [{}] * world
+    dist.all_gather_object(rows, row)
+    dist.destroy_process_group()
+    if rank != 0:
+        return {}
+    for key in ("grads_mb", "optim_mb", "params_mb", "peak_mem_mb"):
+        row[key] = max(r[key] for r in rows)
+        row[f"{key}_per_rank"] = [r[key] for r in rows]
+    return row
+
+
+def per_rank_bytes(engine, models, opt) -> dict[str, float]:
+    """This rank's MB of gradient buffers, optimizer state and parameters (local shards)."""
+    from mdgd.buffers import local_tensor
+
+    def mb(tensors) -> float:
+        return sum(local_tensor(t).numel() * t.element_size() for t in tensors) / 2**20
+
+    grads = [b for fg in (engine.theta, engine.phi) if fg for b in fg.buffers.values()]
+    state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    params = [p for m in models for p in m.parameters()]
+    return {"grads_mb": mb(grads), "optim_mb": mb(state), "params_mb": mb(params)}
+
+
+def summarise(runs: list[dict], batch_size: int) -> dict:
+    """One row from the runs of one mode: medians over all their timed steps."""
+    times = {k: [t for r in runs for t in r["times"][k]] for k in runs[0]["times"]}
+    med = statistics.median(times["step"])
+    p20, p80 = p20_p80(times["step"])
+    row = {k: v for k, v in runs[0].items() if k != "times"}
+    row.update(
+        samples_per_s=batch_size / med,
+        step_ms=1e3 * med,
+        step_ms_p20=1e3 * p20,
+        step_ms_p80=1e3 * p80,
+        fwd_bwd_ms=1e3 * statistics.median(times["fwd_bwd"]),
+        direction_ms=1e3 * statistics.median(times["direction"]),
+        optimizer_ms=1e3 * statistics.median(times["optimizer"]),
+        peak_mem_mb=max(r["peak_mem_mb"] for r in runs),
+        steps_timed=len(times["step"]),
+        step_ms_all=[1e3 * t for t in times["step"]],
+    )
+    return row
+
+
+# ---------------------------------------------------------------------- driver
+
+
+def table(rows: list[dict]) -> str:
+    by = {r["mode"]: r for r in rows}
+    head = [
+        "mode",
+        "samples/s",
+        "step ms (p20-p80)",
+        "fwd+bwd ms",
+        "direction ms",
+        "optim ms",
+        "peak MB",
+        "vs ft",
+        "vs fused",
+    ]
+    body = []
+    for r in rows:
+        vs_ft = by["ft"]["step_ms"] / r["step_ms"] if "ft" in by else math.nan
+        vs_fused = by["mdgd"]["step_ms"] / r["step_ms"] if "mdgd" in by else math.nan
+        body.append(
+            [
+                r["mode"],
+                f"{r['samples_per_s']:.2f}",
+                f"{r['step_ms']:.1f} ({r['step_ms_p20']:.1f}-{r['step_ms_p80']:.1f})",
+                f"{r['fwd_bwd_ms']:.1f}",
+                f"{r['direction_ms']:.2f}",
+                f"{r['optimizer_ms']:.2f}",
+                f"{r['peak_mem_mb']:.0f}",
+                f"{vs_ft:.2f}x",
+                f"{vs_fused:.2f}x",
+            ]
+        )
+    return format_table(head, body)
+
+
+def format_table(head: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell, the first left-aligned, a rule under the head."""
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [head, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def memory_table(rows: list[dict]) -> str:
+    """Per-rank bytes of the distributed rows (the largest rank's)."""
+    head = ["mode", "ranks", "grads MB/rank", "optim MB/rank", "params MB/rank", "peak MB/rank"]
+    body = [
+        [
+            r["mode"],
+            str(r["world"]),
+            f"{r['grads_mb']:.2f}",
+            f"{r['optim_mb']:.2f}",
+            f"{r['params_mb']:.2f}",
+            f"{r['peak_mem_mb']:.0f}",
+        ]
+        for r in rows
+    ]
+    return format_table(head, body)
+
+
+# --quick: a model about a tenth of the default, one round of few steps (under a minute
+# of CPU time per row on two cores); options given explicitly still win
+QUICK = dict(
+    steps=4,
+    rounds=1,
+    warmup=2,
+    batch_size=2,
+    text_len=32,
+    image_size=32,
+    vision_hidden=64,
+    text_hidden=128,
+    text_layers=2,
+    trainable_layers=2,
+)
+
+
+def parse(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per row and round")
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per row, alternated")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--text-len", type=int, default=64, help="text tokens after the image")
+    add_size_arguments(p)
+    p.add_argument("--trainable-layers", type=int, default=4, help="last N text layers + projector")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--nproc", type=int, default=2, help="processes of the mdgd-dp/fsdp rows")
+    quick = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a small configuration for smoke tests: {quick} (options given explicitly win)",
+    )
+    results.add_arguments(p)
+    p.add_argument("--mode", help=argparse.SUPPRESS)  # worker
+    args = p.parse_args(argv)
+    if args.quick:  # parse again over the quick defaults, so that explicit options win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    return args
+
+
+def worker_command(mode: str, nproc: int, argv: list[str]) -> list[str]:
+    """The command that runs one row: this module, under torchrun for the distributed rows."""
+    run = ["-m", "mdgd_bench.step", *argv, "--mode", mode]
+    if mode in DIST_MODES:
+        # --standalone: a free port, so that concurrent launches do not collide
+        run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *run]
+    return [sys.executable, *run]
+
+
+def run_worker(mode: str, nproc: int, argv: list[str]) -> dict:
+    """One row in fresh processes. They run in the folder that holds this package, so that
+    ``-m mdgd_bench.step`` is this code whatever the caller's working directory (the
+    caller's PYTHONPATH, made absolute, still decides which mdgd they import)."""
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in paths if p)}
+    cmd = worker_command(mode, nproc, argv)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=PACKAGE_PARENT, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"row {mode} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
+    """Run the step benchmark (``argv`` as on the command line), print it, save the JSON."""
+    args = parse(argv, prog)
+    if args.mode:  # worker process: one row as JSON on stdout (rank 0 only)
+        row = worker(args)
+        if row:
+            print(json.dumps(row), flush=True)
+        if args.mode in DIST_MODES:
+            # Skip interpreter finalization: a gloo worker thread can still be releasing the
+            # last collective's tensors, and taking the GIL during finalization aborts the
+            # process ("terminate called without an active exception"). Once a Hugging Face
+            # model is built, destroy_process_group does not join those threads.
+            sys.stderr.flush()
+            os._exit(0)
+        return []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES and m not in DIST_MODES]
+    if bad:
+        raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES + tuple(DIST_MODES)}")
+    started = utc_now()
+    base = list(argv if argv is not None else sys.argv[1:])
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(args.rounds):  # rounds alternate the rows, spreading a shared host's noise
+        for mode in modes:
+            runs[mode].append(run_worker(mode, args.nproc, base))
+            print(f"  round {r + 1}/{args.rounds} {mode}: done", file=sys.stderr)
+    rows = [summarise(runs[m], args.batch_size) for m in modes]
+    host = machine(torch.device(args.device), started)  # device, cpu, gpu, threads, commit
+    if args.threads:
+        host["threads"] = args.threads
+    r0 = rows[0]
+    print(
+        f"small LLaVA: {r0['total_params'] / 1e6:.2f}M parameters, "
+        f"{r0['trainable_params'] / 1e6:.2f}M trainable in {r0['trainable_tensors']} tensors, "
+        f"{r0['image_tokens']} image tokens, batch {args.batch_size}, {args.dtype}; "
+        f"{host.get('gpu', host['cpu'])}, {host['cores']} cores, "
+        f"{host['threads']} threads"
+    )
+    print(table(rows))
+    if any(r["mode"] in DIST_MODES for r in rows):
+        print(memory_table([r for r in rows if r["mode"] in DIST_MODES]))
+    record = {
+        "benchmark": "step",
+        "machine": host,
+        "args": {k: v for k, v in vars(args).items() if k != "mode"},
+        "rows": rows,
+    }
+    results.save(
+        record, args, benchmark="step", device=args.device, dtype=args.dtype, started=started
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
