@@ -1,7 +1,7 @@
 """Launch the 2 ranks of a gloo group as plain processes (no torchrun), bounded by a timeout.
 
 launch_ranks([script, *args], timeout=120, what="my scenario")
-launch("dp_step", out_dir)  # a scenario of dist_worker.py
+launch("steps", out_dir)  # a scenario of dist_worker.py (its SCENARIOS)
 """
 
 from __future__ import annotations

@@ -131,6 +131,7 @@ def _case_table() -> list[Case]:
 CASES = _case_table()
 CASE_IDS = [c.id for c in CASES]
 LARGE_CASES = _direction_cases(LARGE_LAYOUTS)
+_ALL_LAYOUTS = {**LAYOUTS, **LARGE_LAYOUTS}
 LARGE_CASE_IDS = [c.id for c in LARGE_CASES]
 
 
@@ -204,7 +205,7 @@ def _segment_finite(bufs, sizes) -> torch.Tensor:
 
 def case_direction(backend: str, device: str, *, layout: str, mode: str, dtype: str, seed: int):
     """Every output against the oracle on one layout, chunk size and mode."""
-    sizes, chunk, _ = {**LAYOUTS, **LARGE_LAYOUTS}[layout]
+    sizes, chunk, _ = _ALL_LAYOUTS[layout]
     kw = MODES[mode]
     bufs = make_buffers(sizes, DTYPE_BY_ID[dtype], seed=seed)
     d, res = _run(backend, _on(device, bufs), mk.get_layout(sizes, device, chunk), **kw)
