@@ -30,6 +30,9 @@ def tiny_llava_config(
     text_layers: int = 3,
     heads: int = 2,
     vocab_size: int = 64,
+    vision_intermediate: int | None = None,
+    text_intermediate: int | None = None,
+    vision_heads: int | None = None,
     tie_word_embeddings: bool = False,
     attention_dropout: float = 0.0,
     max_position_embeddings: int = 128,
@@ -38,7 +41,12 @@ def tiny_llava_config(
     bos_id: int = BOS_ID,
     eos_id: int = EOS_ID,
 ):
-    """A ``LlavaConfig`` with ``(image_size // patch_size) ** 2`` image tokens per image."""
+    """A ``LlavaConfig`` with ``(image_size // patch_size) ** 2`` image tokens per image.
+
+    The MLP widths default to twice the hidden sizes and the vision tower's heads to
+    ``heads``; give them to build a model with a real LLaVA's shapes (the step benchmark's
+    ``--llava-7b``: CLIP ViT-L/14-336 widths, Llama-7B widths).
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
@@ -46,15 +54,15 @@ def tiny_llava_config(
         patch_size=patch_size,
         num_channels=3,
         hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
+        intermediate_size=vision_intermediate or 2 * vision_hidden,
         num_hidden_layers=vision_layers,
-        num_attention_heads=heads,
+        num_attention_heads=vision_heads or heads,
         projection_dim=vision_hidden,
     )
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
+        intermediate_size=text_intermediate or 2 * text_hidden,
         num_hidden_layers=text_layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
@@ -75,12 +83,20 @@ def tiny_llava_config(
     )
 
 
-def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **config_kwargs):
-    """A random ``LlavaForConditionalGeneration`` (deterministic in ``seed``)."""
+def tiny_llava(
+    seed: int = 0, dtype: torch.dtype = torch.float32, device=None, **config_kwargs
+):
+    """A random ``LlavaForConditionalGeneration`` (deterministic in ``seed``).
+
+    ``device``: where the weights are created and initialised (default: the CPU); a
+    model of a billion parameters initialises in seconds on a GPU, minutes on a CPU.
+    """
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(**config_kwargs))
+    config = tiny_llava_config(**config_kwargs)
+    with torch.device(device or "cpu"):
+        model = LlavaForConditionalGeneration(config)
     model.config.use_cache = False
     return model.to(dtype)
 
@@ -122,8 +138,11 @@ def random_batch(
 @torch.no_grad()
 def perturbed_copy(model, scale: float = 0.02, seed: int = 0):
     """A deep copy of ``model`` with every parameter perturbed (so that L_v != 0)."""
-    gen = torch.Generator().manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}  # one per device: noise made where p is
     out = copy.deepcopy(model)
     for p in out.parameters():
-        p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+        if p.device not in gens:
+            gens[p.device] = torch.Generator(p.device).manual_seed(seed)
+        noise = torch.randn(p.shape, generator=gens[p.device], dtype=torch.float32, device=p.device)
+        p.add_(noise.to(p.dtype) * scale)
     return out

@@ -17,6 +17,27 @@ SIZE_DEFAULTS = {
     "text_layers": 4,
     "heads": 4,
     "vocab_size": 1000,
+    "max_position_embeddings": 128,
+    # None: twice the hidden size / the text model's heads (tiny_llava_config's defaults)
+    "vision_intermediate": None,
+    "text_intermediate": None,
+    "vision_heads": None,
+}
+
+# LLaVA-1.5-7B's widths (CLIP ViT-L/14 at 336 px, Vicuna-7B) with as many decoder
+# layers as the caller asks: the step benchmark's --llava-7b
+LLAVA_7B = {
+    "image_size": 336,
+    "patch_size": 14,
+    "vision_hidden": 1024,
+    "vision_intermediate": 4096,
+    "vision_layers": 24,
+    "vision_heads": 16,
+    "text_hidden": 4096,
+    "text_intermediate": 11008,
+    "heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
 }
 
 
@@ -27,6 +48,6 @@ def add_size_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = 
             parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
 
 
-def size_kwargs(args: argparse.Namespace) -> dict[str, int]:
+def size_kwargs(args: argparse.Namespace) -> dict[str, int | None]:
     """The size arguments of ``tiny_llava`` that ``args`` has options for."""
     return {name: getattr(args, name) for name in SIZE_DEFAULTS if hasattr(args, name)}

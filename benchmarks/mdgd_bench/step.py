@@ -13,6 +13,7 @@ Rows (each in fresh subprocesses, so that its peak memory is its own; with
   optimizer step (what plain fine-tuning costs);
 * ``mdgd``: MDGD with the fused op (``mdgd_kernels.mdgd_direction_``, the
   automatic backend: C++ on CPU, Triton/CUDA on GPUs);
+* ``gm``: MDGD-GM with the fused op (``mode="gm"``, alpha 0.1 of the elements);
 * ``mdgd-per-tensor``: MDGD with the per-tensor reference op a user writes by
   hand (``mdgd_kernels.reference.per_tensor_direction_``, a Python loop of float32
   ``torch.dot``/``add_`` per parameter, a host sync per tensor);
@@ -31,8 +32,22 @@ Every MDGD row runs two forwards (theta and phi), ``backward(L_vl(theta) +
 L_vl(phi))`` into the ``g`` buffers and ``backward(L_v)`` into the ``h`` buffers,
 then the op and AdamW. Reported per row: samples/s (batch / median step time),
 the median step time with its 20th/80th percentiles, the split of the median
-step into forward+backward, direction (op) and optimizer, the peak memory, and
-ratios against ``ft`` and against the fused ``mdgd`` row.
+step into forward+backward, direction (op) and optimizer, the op's share of the
+step, the peak memory, and ratios against ``ft`` and against the fused ``mdgd``
+row.
+
+Memory against docs/distributed.md's formula (one process, ``W = 1``): every row
+also reports the bytes it holds for the whole step (the engine's gradient
+buffers, the optimizer state, the weights of both models) and the formula's
+prediction of them, ``b * (M * P + K * T) + s * T`` for ``b``-byte weights, ``M``
+models (2, or 1 for ``ft``), ``K`` gradient buffers (4, or 1 for ``ft``) and ``s``
+optimizer bytes per trainable parameter (AdamW on the weights' dtype, no
+master copy: ``2b``). The peak minus these bytes is the activations and
+workspace.
+
+``--llava-7b``: LLaVA-1.5-7B's widths (CLIP ViT-L/14 at 336 px, 576 image tokens;
+Vicuna-7B's 4096/11008 widths, 32 heads, 32,000-word vocabulary) with 2 decoder
+layers (``--text-layers``), both trainable with the projector, in bf16 on the GPU.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps;
 on CPU the process's peak resident set size (``ru_maxrss``: models, optimizer
@@ -59,14 +74,16 @@ import torch
 import torch.distributed as dist
 
 from mdgd_bench import results
-from mdgd_bench.model import add_size_arguments, size_kwargs
+from mdgd_bench.model import LLAVA_7B, add_size_arguments, size_kwargs
 from mdgd_bench.timing import machine, p20_p80, sync, utc_now
 
 # the folder that holds this package: put on the workers' PYTHONPATH so that they import
 # this same code, from a checkout's benchmarks/ or from an installed wheel
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 
-MODES = ("ft", "mdgd", "mdgd-per-tensor", "mdgd-recompute")
+MODES = ("ft", "mdgd", "gm", "mdgd-per-tensor", "mdgd-recompute")
+# the engine's mode behind each single-process row
+ALGO = {"ft": "ft", "gm": "gm"}
 DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
 
 
@@ -86,9 +103,9 @@ def worker(args: argparse.Namespace) -> dict:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    ref = tiny_llava(seed=0, dtype=dtype, **size_kwargs(args)).to(device)
+    ref = tiny_llava(seed=0, dtype=dtype, device=device, **size_kwargs(args))
     theta = perturbed_copy(ref, seed=1)
-    algo = "ft" if args.mode == "ft" else "mdgd"
+    algo = ALGO.get(args.mode, "mdgd")
     if algo == "ft":
         del ref
         ref = None
@@ -145,10 +162,11 @@ def worker(args: argparse.Namespace) -> dict:
         "total_params": sum(p.numel() for p in theta.parameters()),
         "image_tokens": (args.image_size // args.patch_size) ** 2,
     }
+    row.update(per_rank_bytes(engine, [theta, ref], opt))
     if dmode == "none":
+        row.update(formula_bytes(row, algo, dtype))
         return row
     row["world"] = world
-    row.update(per_rank_bytes(engine, [theta, ref], opt))
     rows: list[dict] = [{}] * world
     dist.all_gather_object(rows, row)
     dist.destroy_process_group()
@@ -169,8 +187,23 @@ def per_rank_bytes(engine, models, opt) -> dict[str, float]:
 
     grads = [b for fg in (engine.theta, engine.phi) if fg for b in fg.buffers.values()]
     state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    params = [p for m in models for p in m.parameters()]
+    params = [p for m in models if m is not None for p in m.parameters()]
     return {"grads_mb": mb(grads), "optim_mb": mb(state), "params_mb": mb(params)}
+
+
+def formula_bytes(row: dict, algo: str, dtype: torch.dtype) -> dict[str, float]:
+    """docs/distributed.md's memory formula at W = 1 for this row (see the module docstring),
+    in MB, beside the held bytes it predicts and the peak's remainder (activations)."""
+    b = torch.tensor([], dtype=dtype).element_size()
+    models, buffers = (1, 1) if algo == "ft" else (2, 4)
+    p, t = row["total_params"], row["trainable_params"]
+    formula = (b * (models * p + buffers * t) + 2 * b * t) / 2**20
+    held = row["grads_mb"] + row["optim_mb"] + row["params_mb"]
+    return {
+        "formula_mb": formula,
+        "held_mb": held,
+        "activations_mb": row["peak_mem_mb"] - held,
+    }
 
 
 def summarise(runs: list[dict], batch_size: int) -> dict:
@@ -186,6 +219,7 @@ def summarise(runs: list[dict], batch_size: int) -> dict:
         step_ms_p80=1e3 * p80,
         fwd_bwd_ms=1e3 * statistics.median(times["fwd_bwd"]),
         direction_ms=1e3 * statistics.median(times["direction"]),
+        op_share=statistics.median(times["direction"]) / med,
         optimizer_ms=1e3 * statistics.median(times["optimizer"]),
         peak_mem_mb=max(r["peak_mem_mb"] for r in runs),
         steps_timed=len(times["step"]),
@@ -205,6 +239,7 @@ def table(rows: list[dict]) -> str:
         "step ms (p20-p80)",
         "fwd+bwd ms",
         "direction ms",
+        "op share",
         "optim ms",
         "peak MB",
         "vs ft",
@@ -221,6 +256,7 @@ def table(rows: list[dict]) -> str:
                 f"{r['step_ms']:.1f} ({r['step_ms_p20']:.1f}-{r['step_ms_p80']:.1f})",
                 f"{r['fwd_bwd_ms']:.1f}",
                 f"{r['direction_ms']:.2f}",
+                f"{r['op_share']:.1%}",
                 f"{r['optimizer_ms']:.2f}",
                 f"{r['peak_mem_mb']:.0f}",
                 f"{vs_ft:.2f}x",
@@ -239,6 +275,22 @@ def format_table(head: list[str], body: list[list[str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def formula_table(rows: list[dict]) -> str:
+    """Single-process rows: the formula's bytes against the held bytes and the peak."""
+    head = ["mode", "formula MB", "held MB", "peak MB", "peak - held MB"]
+    body = [
+        [
+            r["mode"],
+            f"{r['formula_mb']:.0f}",
+            f"{r['held_mb']:.0f}",
+            f"{r['peak_mem_mb']:.0f}",
+            f"{r['activations_mb']:.0f}",
+        ]
+        for r in rows
+    ]
+    return format_table(head, body)
 
 
 def memory_table(rows: list[dict]) -> str:
@@ -273,6 +325,20 @@ QUICK = dict(
     trainable_layers=2,
 )
 
+# --llava-7b: LLaVA-1.5-7B's widths with 2 decoder layers, both trainable with the
+# projector, bf16, one round (a GPU configuration: about 1B parameters, 0.4B trainable)
+LLAVA_7B_RUN = dict(
+    LLAVA_7B,
+    text_layers=2,
+    trainable_layers=2,
+    dtype="bf16",
+    batch_size=8,
+    text_len=448,
+    rounds=1,
+    steps=5,
+    warmup=2,
+)
+
 
 def parse(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
@@ -294,11 +360,21 @@ def parse(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace
         action="store_true",
         help=f"a small configuration for smoke tests: {quick} (options given explicitly win)",
     )
+    p.add_argument(
+        "--llava-7b",
+        action="store_true",
+        help="LLaVA-1.5-7B's widths (336 px ViT-L/14 tower, 4096/11008 Llama layers, "
+        "32,000 words) with 2 decoder layers, bf16, batch 8 of 448 text tokens "
+        "(options given explicitly win)",
+    )
     results.add_arguments(p)
     p.add_argument("--mode", help=argparse.SUPPRESS)  # worker
     args = p.parse_args(argv)
-    if args.quick:  # parse again over the quick defaults, so that explicit options win
-        p.set_defaults(**QUICK)
+    if args.quick and args.llava_7b:
+        p.error("--quick and --llava-7b choose two different models: give one")
+    preset = QUICK if args.quick else LLAVA_7B_RUN if args.llava_7b else None
+    if preset:  # parse again over the preset's defaults, so that explicit options win
+        p.set_defaults(**preset)
         args = p.parse_args(argv)
     return args
 
@@ -364,6 +440,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
         f"{host['threads']} threads"
     )
     print(table(rows))
+    if any("formula_mb" in r for r in rows):
+        print(formula_table([r for r in rows if "formula_mb" in r]))
     if any(r["mode"] in DIST_MODES for r in rows):
         print(memory_table([r for r in rows if r["mode"] in DIST_MODES]))
     record = {
