@@ -9,10 +9,10 @@
 # time is recorded and the next one runs, so a failure in one still leaves the others'
 # results; the boxes add up to the 480 s total, which also caps every box):
 #
-#   env      15  nvidia-smi, the versions, `python -m mdgd_kernels.info` before the build
-#   build   120  the extension with its CUDA kernels (setup.py build_ext --inplace, all
+#   env      20  nvidia-smi, the versions, `python -m mdgd_kernels.info` before the build
+#   build   100  the extension with its CUDA kernels (setup.py build_ext --inplace, all
 #                cores), then `info` again; fails unless the cuda backend loads on the GPU
-#   tests    85  tests/test_ops_gpu.py (the shared op cases and LARGE_CASES for triton and
+#   tests   110  tests/test_ops_gpu.py (the shared op cases and LARGE_CASES for triton and
 #                cuda against the float64 oracle, opcheck of the CUDA kernels),
 #                tests/test_triton_gpu.py (opcheck and torch.compile of the Triton ops),
 #                tests/test_info.py
@@ -20,7 +20,7 @@
 #   ops-fp16 55  2,000-small-tensor workloads; pass 1, pass 2 and the whole op in GB/s
 #   ops-fp32 55  against the measured device-to-device copy; fused against the per-tensor
 #                loop and torch.compile of it
-#   step     95  the step benchmark (benchmarks/bench_step.py --llava-7b): LLaVA-1.5-7B
+#   step     85  the step benchmark (benchmarks/bench_step.py --llava-7b): LLaVA-1.5-7B
 #                widths, 2 decoder layers, bf16; ft, mdgd and gm: step ms, the op's share,
 #                peak memory against docs/distributed.md's formula
 #
@@ -173,13 +173,13 @@ dry_flag=""
 [ "$dry" = 1 ] && dry_flag=--dry-run
 printf 'part\tstatus\texit\tseconds\tbox\n' > "$out/summary.tsv"
 echo "gpu_check: device $device, results in $out (total box ${total_box} s)"
-part env 15 env_part
-part build 120 build_part
-part tests 85 tests_part
+part env 20 env_part
+part build 100 build_part
+part tests 110 tests_part
 for dtype in bf16 fp16 fp32; do
     part "ops-$dtype" 55 ops_part "$dtype"
 done
-part step 95 step_part
+part step 85 step_part
 
 column -t -s $'\t' "$out/summary.tsv" > "$out/summary.txt" 2>/dev/null || cp "$out/summary.tsv" "$out/summary.txt"
 echo

@@ -22,6 +22,13 @@ import mdgd_kernels as mk
 from mdgd_kernels import _ext, backends
 
 
+def _source_version() -> str:
+    """The version of a source tree run without installing it (on PYTHONPATH)."""
+    from mdgd import __version__
+
+    return f"{__version__} (not installed: a source tree)"
+
+
 def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
@@ -80,7 +87,7 @@ def collect() -> dict[str, str]:
     """Every field of the report, by label, in print order."""
     package = Path(mk.__file__).resolve().parent.parent
     return {
-        "mdgd": f"{_version('mdgd') or 'unknown (not installed)'} (imported from {package})",
+        "mdgd": f"{_version('mdgd') or _source_version()} (imported from {package})",
         "python": f"{platform.python_version()} ({platform.platform()})",
         "torch": str(torch.__version__),
         "CUDA": _cuda(),

@@ -119,4 +119,16 @@ def _layout_of(sizes: Sequence[int], device: torch.device | str, chunk: int) -> 
         raise ValueError(
             f"sizes must be non-negative, got {min(key)} at index {key.index(min(key))}"
         )
-    return _cached(key, torch.device(device), chunk)
+    return _cached(key, canonical_device(device), chunk)
+
+
+def canonical_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index. ``"cuda"`` means the current GPU, whose tensors report
+    ``cuda:0`` (say): a layout keyed and compared by the unindexed name would never match
+    its buffers."""
+    device = torch.device(device)
+    if device.index is None and device.type != "cpu":
+        current = getattr(getattr(torch, device.type, None), "current_device", None)
+        if current is not None:
+            return torch.device(device.type, current())
+    return device

@@ -59,6 +59,19 @@ def test_bad_input_errors():
         mk.mdgd_direction_(*bufs, [4, 4], backend="tpu")
 
 
+def test_layout_of_an_unindexed_device_matches_its_buffers(monkeypatch):
+    """``get_layout(sizes, "cuda")`` is keyed by the current GPU's index, as the buffers'
+    ``cuda:0``: before, every op call of the benchmarks on a GPU raised "sizes is a layout
+    on cuda but the buffers are on cuda:0" (found by benchmarks/gpu_check.sh)."""
+    from mdgd_kernels.layout import canonical_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert canonical_device("cuda") == torch.device("cuda", 3)
+    assert canonical_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert canonical_device("cpu") == torch.device("cpu")
+    assert canonical_device("meta") == torch.device("meta")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_opcheck(dtype):
     opcheck_ops(
