@@ -24,6 +24,9 @@ cuda = pytest.mark.skipif(INTERPRETING or not torch.cuda.is_available(), reason=
 
 @cuda
 def test_opcheck_and_compile_cuda():
+    # registers the triton ops (imported on first use): run alone, as benchmarks/gpu_check.sh
+    # once did, torch.ops.mdgd.segment_gram_triton did not exist yet (AttributeError)
+    mk.resolve_backend("triton", torch.device("cuda"))
     sizes = [33, 1, 200, CHUNK + 3]
     opcheck_ops(
         torch.ops.mdgd.segment_gram_triton.default,

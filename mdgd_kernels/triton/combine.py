@@ -26,6 +26,15 @@ untouched, i.e. at most ``5 * b * N`` (10N for bf16: 4 reads + 1 write, the
 floor of docs/math.md §9); ``2 * b * n_s`` for a selected ``gm`` segment, ``b * n_s`` (write
 only) for a masked-out one, 0 for an untouched one; plus ``24 * C + 16 * C``
 for the chunk table and coefficient rows. No host synchronisation.
+
+Pass 2 is not autotuned: it launches ``combine_kernel`` with one configuration per
+element size (:func:`launch_config`). Under ``torch.compile`` Triton's autotuner
+inside this in-place ``triton_op`` gave a wrong ``g_theta`` on an H200 (torch 2.11,
+Triton 3.6; with ``aot_eager`` and Inductor alike, and with a single candidate
+too), while the same kernel launched with a fixed configuration matched eager mode
+exactly; ``torch.compiler.is_compiling()`` is False while torch 2.11 traces the op,
+so the two cases cannot be told apart with a public API. Pass 2 is elementwise:
+every configuration gives the same bits, only the speed differs.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .configs import ALIGN, EDGE, aligned_body, combine_configs, edge_offsets, prune_configs
+from .configs import ALIGN, EDGE, aligned_body, combine_configs, edge_offsets, wide_configs
 
 
 @triton.jit
@@ -60,7 +69,7 @@ def combine_kernel(
     hp_ptr,
     chunks_ptr,
     coeffs_ptr,
-    num_chunks,  # autotune key only (the grid is exactly num_chunks programs)
+    num_chunks,  # unused (pass 2 is not autotuned): the signature of pass 1, for the AOT test
     BLOCK: tl.constexpr,
     ALIGN: tl.constexpr,
     EDGE: tl.constexpr,
@@ -92,15 +101,6 @@ def combine_kernel(
     tl.store(gt_ptr + eo, d.to(out_ty), mask=em)
 
 
-combine_tuned = triton.autotune(
-    configs=combine_configs(),
-    key=["num_chunks"],
-    prune_configs_by={"early_config_prune": prune_configs},
-    # timing a candidate applies the update; put g_theta back after each one
-    restore_value=["gt_ptr"],
-)(combine_kernel)
-
-
 @triton_op("mdgd::segment_combine_triton_", mutates_args={"g_theta"})
 def segment_combine_(
     g_theta: torch.Tensor,
@@ -112,15 +112,25 @@ def segment_combine_(
 ) -> None:
     """Pass 2: ``g_theta <- c1*gt + c2*ht + c3*gp + c4*hp`` per segment, in place."""
     num_chunks = chunks.shape[0]
-    if num_chunks > 0:  # a shape, known on the host: not a sync
-        wrap_triton(combine_tuned)[(num_chunks,)](
-            g_theta,
-            h_theta,
-            g_phi,
-            h_phi,
-            chunks,
-            coeffs,
-            num_chunks,
-            ALIGN=ALIGN,
-            EDGE=EDGE,
-        )
+    if num_chunks == 0:  # a shape, known on the host: not a sync
+        return
+    config = launch_config(g_theta.element_size())
+    wrap_triton(combine_kernel)[(num_chunks,)](
+        g_theta,
+        h_theta,
+        g_phi,
+        h_phi,
+        chunks,
+        coeffs,
+        num_chunks,
+        ALIGN=ALIGN,
+        EDGE=EDGE,
+        num_warps=config.num_warps,
+        **config.kwargs,
+    )
+
+
+def launch_config(element_size: int) -> triton.Config:
+    """Pass 2's configuration: the first candidate whose threads load 16 bytes per buffer
+    for this element size (8 bf16/fp16 or fp32 elements per thread)."""
+    return wide_configs(combine_configs(), element_size)[0]
