@@ -83,9 +83,7 @@ def tiny_llava_config(
     )
 
 
-def tiny_llava(
-    seed: int = 0, dtype: torch.dtype = torch.float32, device=None, **config_kwargs
-):
+def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, device=None, **config_kwargs):
     """A random ``LlavaForConditionalGeneration`` (deterministic in ``seed``).
 
     ``device``: where the weights are created and initialised (default: the CPU); a

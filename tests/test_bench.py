@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdgd.cli import benchmark_module
 
@@ -102,6 +103,25 @@ def test_step_quick_picks_the_small_configuration_and_explicit_options_win():
     }
     full = step.parse([])
     assert all(getattr(full, k) != v for k, v in step.QUICK.items()), "--quick changes nothing"
+
+
+def test_step_llava_7b_has_the_real_widths_and_explicit_options_win():
+    args = step.parse(["--llava-7b", "--text-layers", "3"])
+    assert args.text_layers == 3 and args.dtype == "bf16"
+    assert (args.text_hidden, args.text_intermediate, args.heads) == (4096, 11008, 32)
+    assert (args.vision_hidden, args.vision_intermediate, args.vision_heads) == (1024, 4096, 16)
+    assert (args.image_size // args.patch_size) ** 2 == 576  # LLaVA-1.5's image tokens
+    with pytest.raises(SystemExit):
+        step.parse(["--llava-7b", "--quick"])
+
+
+def test_step_memory_formula():
+    """docs/distributed.md's formula at W = 1: b(M P + K T) + 2b T, in MiB."""
+    row = {"total_params": 3 * 2**20, "trainable_params": 2**20, "peak_mem_mb": 100.0}
+    row.update(grads_mb=8.0, optim_mb=4.0, params_mb=12.0)
+    mdgd = step.formula_bytes(row, "mdgd", torch.bfloat16)
+    assert mdgd == {"formula_mb": 2 * (2 * 3 + 4) + 4, "held_mb": 24.0, "activations_mb": 76.0}
+    assert step.formula_bytes(row, "ft", torch.float32)["formula_mb"] == 4 * (3 + 1) + 8
 
 
 def test_default_results_dir_does_not_depend_on_the_working_directory(tmp_path):
