@@ -11,6 +11,7 @@ import ast
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,26 @@ def test_benchmarks_use_public_names_and_the_shared_tiny_llava():
                 builders.add(path.name)
         assert "sys.path" not in path.read_text(), f"{path.name} edits sys.path"
     assert {"step.py", "bench_activations.py", "leak_check.py"} <= builders
+
+
+GPU_CHECK = BENCHMARKS / "gpu_check.sh"
+
+
+def test_gpu_check_needs_out_and_documents_its_time_boxes():
+    """The script's arguments, and docs/testing.md's table of parts and boxes, match the
+    script (its --dry-run runs in .ci/run: it takes minutes, so not here)."""
+    no_out = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True)
+    assert no_out.returncode == 2 and "--out DIR is required" in no_out.stderr
+    usage = subprocess.run(["bash", str(GPU_CHECK), "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--dry-run" in usage.stdout
+    script = GPU_CHECK.read_text()
+    boxes = {
+        name.strip('"').replace("$dtype", dtype): int(box)
+        for name, box in re.findall(r"^\s*part (\S+) (\d+) ", script, re.M)
+        for dtype in ("bf16", "fp16", "fp32")
+    }
+    assert sum(boxes.values()) == int(re.search(r"total_box=(\d+)", script).group(1)) == 480
+    doc = (ROOT / "docs" / "testing.md").read_text().split("## The GPU check", 1)[1]
+    for name, box in boxes.items():
+        row = next((ln for ln in doc.splitlines() if ln.startswith("|") and name in ln), "")
+        assert f"| {box} s" in row, f"docs/testing.md has no row giving {name} {box} s"
