@@ -88,8 +88,9 @@ def _want_cuda() -> bool:
 
 def _cuda_archs() -> str:
     """The CUDA architectures the build compiles for, as the build record states them."""
+    # ",code=": a bare "code=" first matches inside "-gencode=arch" ("arch arch arch")
     return os.environ.get("TORCH_CUDA_ARCH_LIST") or " ".join(
-        re.search(r"code=(\w+)", flag).group(1) for flag in GENCODE
+        re.search(r",code=(\w+)", flag).group(1) for flag in GENCODE
     )
 
 

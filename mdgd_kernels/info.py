@@ -13,7 +13,10 @@ import argparse
 import importlib.metadata
 import os
 import platform
+import re
+import shlex
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +47,51 @@ def _triton() -> str:
         return "not installed"
     mod = backends.triton_module()
     return version + ("" if mod.available else f" (the triton backend is unusable: {mod.error})")
+
+
+_NVCC_TARGET_OPTIONS = {
+    "-gencode": "gencode",
+    "--generate-code": "gencode",
+    "-arch": "arch",
+    "--gpu-architecture": "arch",
+    "-code": "code",
+    "--gpu-code": "code",
+}
+
+
+def cuda_archs(command: str | Sequence[str]) -> list[str]:
+    """The GPU code an nvcc command line compiles for, in its order: ``sm_XY`` for
+    machine code (SASS), ``compute_XY`` for PTX, or ``native``/``all``/``all-major``.
+
+    Reads ``-gencode``/``--generate-code`` (``=`` or a space, ``code=`` one target or a
+    list) and ``-arch``/``--gpu-architecture`` with ``-code``/``--gpu-code``, where,
+    as nvcc's help says, ``-arch=sm_XY`` alone means ``code=sm_XY,compute_XY``.
+    """
+    args = shlex.split(command) if isinstance(command, str) else list(command)
+    found: dict[str, list[str]] = {"gencode": [], "arch": [], "code": []}
+    i = 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        kind = _NVCC_TARGET_OPTIONS.get(name)
+        if kind is not None:
+            if not eq and i + 1 < len(args):  # "-gencode arch=...", "-arch sm_90"
+                i += 1
+                value = args[i]
+            found[kind].append(value)
+        i += 1
+    codes = []
+    for value in found["gencode"]:
+        target = re.search(r"(?:^|,)code=(.+)$", value)
+        if target:
+            codes += target.group(1).strip("[]\"'").split(",")
+    for value in found["code"]:
+        codes += value.strip("[]\"'").split(",")
+    if not found["code"]:
+        for arch in found["arch"]:
+            # the shorthand: a real architecture alone adds its virtual one as PTX
+            real = arch.startswith("sm_")
+            codes += [arch, "compute_" + arch.removeprefix("sm_")] if real else [arch]
+    return list(dict.fromkeys(c.strip() for c in codes if c.strip()))
 
 
 def _extension() -> dict[str, str]:
