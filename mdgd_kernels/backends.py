@@ -1,9 +1,10 @@
 """Which backend runs the two passes: what is available, and the automatic choice.
 
 ``"triton"`` and ``"cuda"`` run on CUDA tensors (Triton also on CPU tensors under
-``TRITON_INTERPRET=1``), ``"cpu"`` is the compiled extension (``mdgd_kernels._C``)
-and ``"torch"`` the composed-torch ops, on any device. ``backend=None`` picks the
-best available one for the tensors' device; ``MDGD_BACKEND`` overrides that choice.
+``TRITON_INTERPRET=1``; ``"cuda"`` is the compiled ``mdgd_kernels._C_cuda``), ``"cpu"``
+is the compiled ``mdgd_kernels._C`` and ``"torch"`` the composed-torch ops, on any
+device. ``backend=None`` picks the best available one for the tensors' device;
+``MDGD_BACKEND`` overrides that choice.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """``python -m mdgd_kernels.info`` and ``mdgd info``: every field a bug report needs,
 and ``cuda_archs``, which reads the CUDA architectures off an nvcc command line: on
 hand-written forms of nvcc's target options, each checked against nvcc's own dry
-run where nvcc is present, and on a command line copied from a real build log."""
+run where nvcc is present, and on a command line copied from a real build log.
+tests/test_setup.py checks it on the command line cpp_extension generates for a real
+compile of csrc/cuda with the local nvcc."""
 
 from __future__ import annotations
 
@@ -29,9 +31,10 @@ FIELDS = (
     "torch",
     "CUDA",
     "Triton",
-    "C++ extension",
+    "CPU kernels",
     "CUDA kernels",
     "built against torch",
+    "CUDA toolkit",
     "CUDA architectures",
     "backends on cpu",
     "backends on cuda",
@@ -70,13 +73,14 @@ def test_python_m_info_prints_every_field():
         "none (a CPU build of torch)" if torch.version.cuda is None else torch.version.cuda
     )
     assert rows["CUDA"].startswith(expect_cuda)
-    if _ext.available:
-        assert rows["C++ extension"] == f"loaded ({_ext._C.__file__})"
-    else:
-        assert (
-            rows["C++ extension"].startswith("not loaded: ")
-            and str(_ext.error) in rows["C++ extension"]
-        )
+    for label, module, error in (
+        ("CPU kernels", _ext._C, _ext.error),
+        ("CUDA kernels", _ext._C_cuda, _ext.cuda_error),
+    ):
+        if module is not None:
+            assert rows[label] == f"loaded ({module.__file__})"
+        else:
+            assert rows[label] == f"not loaded: {type(error).__name__}: {error}", rows[label]
     if _ext.build is not None:
         assert rows["built against torch"] == _ext.build["torch"]
     picked = "cpu" if _ext.available else "torch"

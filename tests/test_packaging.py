@@ -126,9 +126,11 @@ def _package_with_record(tmp: Path, record: dict, real_so: bool) -> Path:
     return pkg
 
 
-def _record(**changes) -> dict:
-    base = {"built": True, "reason": None, "torch": str(torch.__version__)}
-    return {**base, "cuda": None, "cuda_archs": None, **changes}
+def _record(torch_version: str = str(torch.__version__), **cpu_part) -> dict:
+    """A build record as setup.py writes it on a CPU torch; ``cpu_part`` changes the CPU part."""
+    cuda = {"built": False, "reason": "skipped: torch 2.13.0+cpu is not a CUDA build"}
+    parts = {"_C": {"built": True, "reason": None, **cpu_part}, "_C_cuda": cuda}
+    return {"torch": torch_version, "parts": parts}
 
 
 def _import_with_record(tmp: Path, record: dict, real_so: bool = False) -> str:
@@ -140,7 +142,7 @@ def _import_with_record(tmp: Path, record: dict, real_so: bool = False) -> str:
 
 
 def test_extension_built_against_another_torch_is_not_loaded(tmp_path):
-    out = _import_with_record(tmp_path, _record(torch="2.12.0"))
+    out = _import_with_record(tmp_path, _record("2.12.0"))
     assert "LOADED False" in out
     assert f"built against torch 2.12.0 but torch {torch.__version__} is installed" in out
     assert "needs a rebuild" in out and "rebuild it against the installed torch" in out
