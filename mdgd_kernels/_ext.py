@@ -5,8 +5,10 @@ Two extension modules, loaded independently (setup.py builds them apart):
 ``mdgd_kernels._C_cuda`` the CUDA ones. If one is missing or broken, its flag
 (``available``, ``cuda_available``) is False, its error (``error``,
 ``cuda_error``) keeps the original exception, and asking for its backend
-(``"cpu"``, ``"cuda"``) explicitly re-raises it; ``python -m mdgd_kernels.info``
-says why. Loading a part never initialises CUDA.
+(``"cpu"``, ``"cuda"``) explicitly re-raises it. A missing CPU part warns once,
+here, at import; a missing CUDA part is silent (backend=None then picks Triton or
+torch on CUDA tensors) and ``python -m mdgd_kernels.info`` says why. Loading a
+part never initialises CUDA.
 
 The build writes a record beside the extensions (``_C_build.json``, see
 setup.py): the torch they were built against and, per part, whether it was built
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -81,6 +84,14 @@ else:
     _C_cuda, cuda_error = _try_load(CUDA_PART, build)
 available = _C is not None  # the CPU kernels are registered
 cuda_available = _C_cuda is not None  # the CUDA kernels are registered
+
+if not available:
+    warnings.warn(
+        f"mdgd: the compiled CPU kernels (mdgd_kernels._C) did not load ({error}); falling "
+        f"back to the slower composed-torch backend. To get them, {REBUILD}.",
+        RuntimeWarning,
+        stacklevel=1,  # raised while importing: no caller of ours to point at
+    )
 
 
 def require(backend: str) -> None:

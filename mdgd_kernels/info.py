@@ -17,7 +17,6 @@ import os
 import platform
 import re
 import shlex
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -136,9 +135,7 @@ def _extension() -> dict[str, str]:
 
 def _backends(device: str) -> str:
     names = mk.available_backends(device)
-    with warnings.catch_warnings():  # the fallback warning: the kernels' rows say why
-        warnings.simplefilter("ignore")
-        picked = mk.resolve_backend(None, torch.device(device))
+    picked = mk.resolve_backend(None, torch.device(device))
     return f"{', '.join(names)}; backend=None picks {picked!r}"
 
 

@@ -4,9 +4,10 @@
   (CUDA sources included, on a machine without CUDA) and no build output.
 * The wheel built from that sdist holds the packages ``mdgd``, ``mdgd_kernels`` and
   ``mdgd_bench`` (the benchmarks' code, from benchmarks/mdgd_bench/) and nothing else.
-* An extension whose build record says it was built against another torch, or
-  not built at all, is never loaded: import falls back to the torch backend,
-  warns once, and says why (and to rebuild); a record of this torch loads it.
+* A CPU extension whose build record says it was built against another torch, or
+  not built at all, is never loaded: import warns once, says why (and to
+  rebuild), and the ops fall back to the torch backend; a record of this torch
+  loads it.
 * Slow (about 2 minutes on 2 cores, half of it installing torch 2.13.0 into a
   fresh venv): ``pip install --no-build-isolation`` of the sdist with a broken
   compiler (``CXX=false``, or one that fails every compile) succeeds, and the
@@ -91,11 +92,11 @@ def test_wheel_holds_the_three_packages_and_nothing_else(sdist, tmp_path):
 
 FALLBACK_CHECK = """
 import sys, warnings, torch
-import mdgd_kernels as mk
-from mdgd_kernels.reference import reference_direction
-assert mk.__file__.startswith(sys.argv[1]), mk.__file__
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
+    import mdgd_kernels as mk
+    from mdgd_kernels.reference import reference_direction
+    assert mk.__file__.startswith(sys.argv[1]), mk.__file__
     for _ in range(2):
         bufs = [torch.randn(10) for _ in range(4)]
         out = [b.clone() for b in bufs]
