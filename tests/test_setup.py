@@ -8,7 +8,7 @@
   fails every compile: ``setup.py build_ext --inplace`` finishes, the CPU kernels
   build and load (the ``cpu`` backend runs), the build record says the CUDA part
   failed and why, and ``mdgd_kernels.info`` reports both parts. This compiles the CPU
-  kernels once (1.5 to 2 minutes on 2 busy cores).
+  kernels once (about a minute, up to 2 on 2 busy cores).
 * The same with the local nvcc, reached through PATH (a wrapper script on some
   machines), when there is one: nvcc really runs the command line cpp_extension
   generates, and ``mdgd_kernels.info`` reads its architectures as nvcc's own dry run
