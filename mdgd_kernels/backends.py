@@ -1,23 +1,21 @@
 """Which backend runs the two passes: what is available, and the automatic choice.
 
 ``"triton"`` and ``"cuda"`` run on CUDA tensors (Triton also on CPU tensors under
-``TRITON_INTERPRET=1``), ``"cpu"`` is the compiled extension (``mdgd_kernels._C``)
-and ``"torch"`` the composed-torch ops, on any device. ``backend=None`` picks the
-best available one for the tensors' device; ``MDGD_BACKEND`` overrides that choice.
+``TRITON_INTERPRET=1``; ``"cuda"`` is the compiled ``mdgd_kernels._C_cuda``), ``"cpu"``
+is the compiled ``mdgd_kernels._C`` and ``"torch"`` the composed-torch ops, on any
+device. ``backend=None`` picks the best available one for the tensors' device;
+``MDGD_BACKEND`` overrides that choice.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
 from . import _ext
 
 BACKENDS = ("triton", "cuda", "cpu", "torch")
-
-_warned_fallback = False
 
 
 def triton_module():
@@ -49,8 +47,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The backend that runs for tensors on ``device`` (explicit, env var, or automatic)."""
-    global _warned_fallback
+    """The backend that runs for tensors on ``device`` (explicit, env var, or automatic).
+
+    Without the compiled CPU kernels the automatic choice on CPU is ``"torch"``;
+    ``import mdgd_kernels`` has already warned about it, once (``_ext``).
+    """
     name = backend or os.environ.get("MDGD_BACKEND") or None
     if name is None:
         if device.type == "cuda":
@@ -58,18 +59,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 if cand in available_backends(device):
                     return cand
             return "torch"
-        if device.type == "cpu":
-            if _ext.available:
-                return "cpu"
-            if not _warned_fallback:
-                _warned_fallback = True
-                warnings.warn(
-                    "mdgd: the compiled CPU kernels (mdgd_kernels._C) did not load "
-                    f"({_ext.error}); falling back to the slower composed-torch backend. To get "
-                    f"them, {_ext.REBUILD}.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+        if device.type == "cpu" and _ext.available:
+            return "cpu"
         return "torch"
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")

@@ -1,10 +1,11 @@
 """The CUDA sources in csrc/cuda/ compile for A100 (sm_80) and H100 (sm_90).
 
-setup.py builds csrc/cuda/*.cu only against a CUDA torch, so on a CPU-only
-machine the extension never sees them; this test proves they compile anyway,
-with ``nvcc`` directly, as cpp_extension compiles them for this torch: C++20,
-torch's include paths, ``-I csrc`` and the flags ``BuildExtension`` adds
-(``COMMON_NVCC_FLAGS``: no implicit half/bf16 conversions or operators).
+setup.py builds csrc/cuda/*.cu (into mdgd_kernels._C_cuda) only against a CUDA
+torch, so on a CPU-only machine the extension never sees them; this test proves
+they compile anyway, with ``nvcc`` directly, as cpp_extension compiles them for
+this torch: C++20, torch's include paths, ``-I csrc``, setup.py's ``GENCODE`` and
+the flags ``BuildExtension`` adds (``COMMON_NVCC_FLAGS``: no implicit half/bf16
+conversions or operators).
 
 csrc/cuda/ mirrors csrc/cpu/: ``chunk_io.cuh`` (pure device code: chunk loads
 and stores, float32 conversion, reductions) and ``launch.h`` (the host helpers)
@@ -35,18 +36,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils.cpp_extension as cpp_extension
+from setup_py import setup_py
+
+from mdgd_kernels.info import cuda_archs
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 DEVICE_HEADER = CUDA_DIR / "chunk_io.cuh"
 
-ARCHS = ("sm_80", "sm_90")
-# As setup.py: SASS for A100 and H100, plus sm_90 PTX for newer GPUs.
-GENCODE = [
-    "-gencode=arch=compute_80,code=sm_80",
-    "-gencode=arch=compute_90,code=sm_90",
-    "-gencode=arch=compute_90,code=compute_90",
-]
+# setup.py's: SASS for A100 and H100, plus sm_90 PTX for newer GPUs.
+GENCODE = setup_py.GENCODE
+ARCHS = tuple(arch for arch in cuda_archs(GENCODE) if arch.startswith("sm_"))
 DTYPES = {"float": "f32", "__half": "f16", "__nv_bfloat16": "bf16"}
 COMPILE_TIMEOUT_S = 420
 
@@ -138,7 +138,7 @@ def _common_flags() -> list[str]:
 
 def _pass_cmd(source: Path, out: Path) -> tuple[list[str], str | None]:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    defines = ["-DMDGD_WITH_CUDA=1"]
+    defines = []
     torch_inc = Path(cpp_extension.include_paths()[0])
     for needed in ("torch/library.h", "c10/cuda/CUDAGuard.h", "c10/cuda/CUDAStream.h"):
         if not (torch_inc / needed).is_file():

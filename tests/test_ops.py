@@ -9,8 +9,11 @@ the registered ops, torch.compile, the import, the fallback and the top-alpha ma
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,8 @@ import mdgd_kernels as mk
 from mdgd_kernels.reference import reference_top_alpha
 
 BACKENDS = [b for b in mk.available_backends("cpu") if b != "triton"]
+ROOT = Path(__file__).resolve().parents[1]
+NO_BUILD_OUTPUTS = shutil.ignore_patterns("*.so", "_C_build.json", "__pycache__")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -106,25 +111,34 @@ def test_import_is_lean():
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 
-def test_missing_extension_falls_back_once_with_a_warning():
-    """Without mdgd_kernels._C the package imports, runs on the torch backend and
-    says so once; asking for backend='cpu' explicitly raises the original error."""
+def test_missing_extension_falls_back_once_with_a_warning(tmp_path):
+    """Without mdgd_kernels._C, ``import mdgd_kernels`` warns once (the README's
+    promise), the ops run on the torch backend without another warning, and asking
+    for backend='cpu' explicitly raises the original error. Run on a copy of the
+    package without build outputs, so it holds whether or not _C built here."""
+    pkg = tmp_path / "pkg"
+    shutil.copytree(ROOT / "mdgd_kernels", pkg / "mdgd_kernels", ignore=NO_BUILD_OUTPUTS)
     code = """
 import importlib.abc, sys, warnings
+import torch
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "mdgd_kernels._C":
             raise ImportError("simulated: extension not built")
 sys.meta_path.insert(0, Block())
-import torch, mdgd_kernels as mk
+with warnings.catch_warnings(record=True) as at_import:
+    warnings.simplefilter("always")
+    import mdgd_kernels as mk
+assert mk.__file__.startswith(sys.argv[1]), mk.__file__
+msgs = [str(w.message) for w in at_import if issubclass(w.category, RuntimeWarning)]
+assert len(msgs) == 1 and "simulated" in msgs[0] and "falling back" in msgs[0], msgs
 assert not mk._ext.available and mk.available_backends("cpu") == ["torch"]
 bufs = [torch.randn(10) for _ in range(4)]
-with warnings.catch_warnings(record=True) as caught:
+with warnings.catch_warnings(record=True) as later:
     warnings.simplefilter("always")
     for _ in range(2):
         mk.mdgd_direction_(*[b.clone() for b in bufs], [3, 7])
-msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-assert len(msgs) == 1 and "simulated" in msgs[0] and "falling back" in msgs[0], msgs
+assert not [w for w in later if issubclass(w.category, RuntimeWarning)], later
 try:
     mk.mdgd_direction_(*bufs, [3, 7], backend="cpu")
 except RuntimeError as exc:
@@ -133,7 +147,10 @@ else:
     raise AssertionError("backend='cpu' without the extension must raise")
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    env.pop("MDGD_BACKEND", None)
+    cmd = [sys.executable, "-c", code, str(pkg)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
 
 

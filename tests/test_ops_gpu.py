@@ -4,7 +4,7 @@ without a GPU).
 The same ``op_cases.py`` list that tests/test_ops.py runs for ``cpu`` and ``torch`` and
 tests/test_triton_interp.py for ``triton`` in the interpreter, with the buffers on the
 GPU and the float64 oracle on host copies. A backend that is not available on the
-GPU (triton not installed, ``mdgd_kernels._C`` built without CUDA) skips with the
+GPU (triton not installed, ``mdgd_kernels._C_cuda`` not built) skips with the
 reason. The Triton-only GPU checks are in tests/test_triton_gpu.py.
 """
 

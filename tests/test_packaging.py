@@ -4,9 +4,10 @@
   (CUDA sources included, on a machine without CUDA) and no build output.
 * The wheel built from that sdist holds the packages ``mdgd``, ``mdgd_kernels`` and
   ``mdgd_bench`` (the benchmarks' code, from benchmarks/mdgd_bench/) and nothing else.
-* An extension whose build record says it was built against another torch, or
-  not built at all, is never loaded: import falls back to the torch backend,
-  warns once, and says why (and to rebuild); a record of this torch loads it.
+* A CPU extension whose build record says it was built against another torch, or
+  not built at all, is never loaded: import warns once, says why (and to
+  rebuild), and the ops fall back to the torch backend; a record of this torch
+  loads it.
 * Slow (about 2 minutes on 2 cores, half of it installing torch 2.13.0 into a
   fresh venv): ``pip install --no-build-isolation`` of the sdist with a broken
   compiler (``CXX=false``, or one that fails every compile) succeeds, and the
@@ -91,11 +92,11 @@ def test_wheel_holds_the_three_packages_and_nothing_else(sdist, tmp_path):
 
 FALLBACK_CHECK = """
 import sys, warnings, torch
-import mdgd_kernels as mk
-from mdgd_kernels.reference import reference_direction
-assert mk.__file__.startswith(sys.argv[1]), mk.__file__
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
+    import mdgd_kernels as mk
+    from mdgd_kernels.reference import reference_direction
+    assert mk.__file__.startswith(sys.argv[1]), mk.__file__
     for _ in range(2):
         bufs = [torch.randn(10) for _ in range(4)]
         out = [b.clone() for b in bufs]
@@ -126,9 +127,11 @@ def _package_with_record(tmp: Path, record: dict, real_so: bool) -> Path:
     return pkg
 
 
-def _record(**changes) -> dict:
-    base = {"built": True, "reason": None, "torch": str(torch.__version__)}
-    return {**base, "cuda": None, "cuda_archs": None, **changes}
+def _record(torch_version: str = str(torch.__version__), **cpu_part) -> dict:
+    """A build record as setup.py writes it on a CPU torch; ``cpu_part`` changes the CPU part."""
+    cuda = {"built": False, "reason": "skipped: torch 2.13.0+cpu is not a CUDA build"}
+    parts = {"_C": {"built": True, "reason": None, **cpu_part}, "_C_cuda": cuda}
+    return {"torch": torch_version, "parts": parts}
 
 
 def _import_with_record(tmp: Path, record: dict, real_so: bool = False) -> str:
@@ -140,7 +143,7 @@ def _import_with_record(tmp: Path, record: dict, real_so: bool = False) -> str:
 
 
 def test_extension_built_against_another_torch_is_not_loaded(tmp_path):
-    out = _import_with_record(tmp_path, _record(torch="2.12.0"))
+    out = _import_with_record(tmp_path, _record("2.12.0"))
     assert "LOADED False" in out
     assert f"built against torch 2.12.0 but torch {torch.__version__} is installed" in out
     assert "needs a rebuild" in out and "rebuild it against the installed torch" in out
