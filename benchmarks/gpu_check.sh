@@ -31,9 +31,8 @@
 # --dry-run runs the same parts on the CPU at tiny sizes (the benchmarks' --quick, no
 # torch.compile, the extension built into a temporary folder instead of in place; the GPU
 # tests collect and skip; every box three times as long: a CPU compiles and runs slower),
-# so that CI keeps this script from rotting. Environment:
-# PYTHON (default python3), CUDA_HOME (default: the toolkit that `nvcc` on PATH runs,
-# found through `nvcc --dryrun`, so a wrapper script named nvcc works).
+# so that CI keeps this script from rotting. Environment: PYTHON (default python3);
+# setup.py finds the CUDA toolkit (CUDA_HOME, else the nvcc on PATH, a wrapper too).
 set -uo pipefail
 
 usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -121,24 +120,15 @@ EOF
     "$py" -m mdgd_kernels.info
 }
 
-# CUDA_HOME from the nvcc on PATH when unset: `nvcc --dryrun` prints the toolkit's root (TOP),
-# also when nvcc is a wrapper script whose own folder holds no toolkit
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc > /dev/null; then
-    top=$(nvcc --dryrun -x cu -c /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-    if [ -n "$top" ] && [ -f "$top/include/cuda_runtime.h" ]; then
-        CUDA_HOME=$(cd "$top" && pwd)
-        export CUDA_HOME
-    fi
-fi
-
 build_part() {
-    echo "CUDA_HOME=${CUDA_HOME:-(unset)}"
     # nvcc compiles each file's architectures in parallel; ninja runs one job per core
     NVCC_APPEND_FLAGS="--threads=0 ${NVCC_APPEND_FLAGS:-}" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         "$py" setup.py "${build_args[@]}" || return
     echo "== build record"
     cat "$record" || return
     cp "$record" "$out/build.json"
+    "$py" -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(not r["_C"]["built"])' \
+        "$record" || { echo "the CPU kernels did not build: see the build log above"; return 1; }
     [ "$dry" = 1 ] && return 0
     echo "== info after the build"
     "$py" -m mdgd_kernels.info
