@@ -41,6 +41,32 @@ def ulp32(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(x, dtype=torch.float64), exp - 24).clamp(min=SUB32)
 
 
+def half_spacing(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` at ``|x|``: the most a correct rounding to ``dtype``
+    moves a value of that size. Below the smallest normal the spacing stops shrinking
+    (gradual underflow): ``smallest_normal * eps``, 2**-24 for fp16, so the rounding
+    error there is absolute, not relative."""
+    fi = torch.finfo(dtype)
+    _, exp = torch.frexp(x.to(torch.float64).abs())  # binade [2**(exp-1), 2**exp)
+    spacing = torch.ldexp(torch.full_like(x, fi.eps, dtype=torch.float64), exp - 1)
+    return spacing.clamp(min=fi.smallest_normal * fi.eps) / 2
+
+
+def combine_bound(
+    want: torch.Tensor, terms: torch.Tensor, dtype: torch.dtype, *, truncates: bool = False
+) -> torch.Tensor:
+    """Per-element bound on pass 2's ``d = c1*gt + c2*ht + c3*gp + c4*hp`` against its
+    float64 value ``want``, for given float32 coefficients and ``dtype`` inputs (exact
+    in float32): four products and three sums in float32 (``gamma_4 = 4u / (1 - 4u)``
+    of ``terms = sum_i |c_i x_i|``; fused multiply-adds round less), then one rounding
+    to ``dtype``: half its spacing at the result, subnormal spacing included, or a whole
+    spacing where the cast ``truncates`` (Triton's interpreter casts float32 to bf16
+    toward zero; compiled Triton, CUDA and the CPU round to nearest)."""
+    e32 = 4 * U32 / (1 - 4 * U32) * terms.to(torch.float64)
+    cast = half_spacing(want.abs() + e32, dtype)
+    return e32 + (2 * cast if truncates else cast)
+
+
 def accumulation_roundings(world: int, micro: int) -> int:
     """Roundings between the two sums of one element's ``world * micro`` micro-batch
     gradients: one process adds them one by one (``world * micro - 1``), the ranks add
