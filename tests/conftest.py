@@ -59,10 +59,11 @@ _PAIRS = ((0, 0), (0, 1), (1, 1), (2, 2), (2, 3), (3, 3), (0, 2), (0, 3), (1, 2)
 
 
 def make_buffers(
-    sizes, dtype=torch.float32, case: str = "random", seed: int | None = None, device="cpu"
+    sizes, dtype=torch.float32, case: str = "random", *, seed: int, device="cpu"
 ) -> list[torch.Tensor]:
-    """Four flat buffers (gt, ht, gp, hp) with a distinct magnitude per segment."""
-    gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4)))
+    """Four flat buffers (gt, ht, gp, hp) with a distinct magnitude per segment, drawn
+    from ``seed`` (the ``seed`` fixture's, so a failure names it)."""
+    gen = torch.Generator().manual_seed(seed)
     n = sum(sizes)
     scale = torch.cat(
         [torch.full((s,), 10.0 ** (6 * torch.rand((), generator=gen).item() - 3)) for s in sizes]
@@ -213,12 +214,38 @@ def oracle(bufs, sizes, **kw) -> ReferenceResult:
     return reference_direction(*bufs, sizes, **kw)
 
 
+SEED_ENV = "MDGD_TEST_SEED"
+_SEED = pytest.StashKey[int]()
+
+
 @pytest.fixture
-def seed() -> int:
-    """A fresh seed per test, printed on failure so a run can be replayed."""
-    s = int.from_bytes(os.urandom(4))
+def seed(request) -> int:
+    """A fresh seed per test, or ``MDGD_TEST_SEED``'s to rerun one: a failing test's
+    report names its seed and the command that reruns it (:func:`pytest_runtest_makereport`)."""
+    env = os.environ.get(SEED_ENV)
+    s = int(env) if env else int.from_bytes(os.urandom(4))
+    request.node.stash[_SEED] = s
     print(f"seed={s}")
     return s
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Add the seed of a failing test that drew one, and how to rerun it with that seed."""
+    report = yield
+    s = item.stash.get(_SEED, None)
+    if s is not None and report.failed:
+        rerun = f"{SEED_ENV}={s} python -m pytest '{item.nodeid}'"
+        report.sections.append(("random seed", f"seed={s}; rerun with: {rerun}"))
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _global_rng():
+    """torch's global generator starts from the same state in every test, so whatever
+    draws from it (``torch.randn`` without a generator) is fixed per case, whatever ran
+    before or was deselected."""
+    torch.manual_seed(0)
 
 
 # ---------------------------------------------------------------------- exact ties of cos
