@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))
 
 from hypothesis_profiles import register_profiles  # noqa: E402
-from tolerances import half_spacing  # noqa: E402
+from tolerances import cos_bound, half_spacing, stats_roundoff  # noqa: E402
 
 from mdgd_kernels.reference import (
     ReferenceResult,
@@ -39,7 +39,6 @@ TOL = {
 }
 STATS_RTOL = 2e-5  # statistics: relative to sqrt(a.a * b.b), every dtype (inputs are exact in fp32)
 COS_ATOL = 1e-4  # cos of a well-conditioned segment; see cos_tolerance for the rest
-U32 = 2.0**-24  # float32 unit roundoff: the statistics are float32 (docs/math.md §3)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -158,24 +157,9 @@ def cos_tolerance(ref: ReferenceResult, sizes, u: torch.Tensor | None = None) ->
     ``u`` grows with the length summed (log2 n: blocked float32 sums); pass a
     per-segment ``u`` to widen it (e.g. for statistics that underflow float32).
     """
-    st = ref.stats
-    nbt = (st[:, 0] - _ratio(st[:, 1], st[:, 2]) * st[:, 1]).clamp(min=0)
-    nbp = (st[:, 3] - _ratio(st[:, 4], st[:, 5]) * st[:, 4]).clamp(min=0)
-    kt = _ratio(st[:, 0], nbt).clamp(min=1)
-    kp = _ratio(st[:, 3], nbp).clamp(min=1)
     if u is None:
         u = stats_roundoff(sizes)
-    return COS_ATOL + u * (kt + kp + 4 * (kt * kp).sqrt())
-
-
-def stats_roundoff(sizes) -> torch.Tensor:
-    """Per-segment relative rounding bound of float32 statistics summed over ``sizes``."""
-    n = torch.tensor([max(int(s), 2) for s in sizes], dtype=torch.float64)
-    return 4 * U32 * torch.log2(n)
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, 1.0, den))
+    return cos_bound(ref.stats, u, COS_ATOL)
 
 
 def assert_cos_close(cos: torch.Tensor, ref: ReferenceResult, sizes, tol=None) -> None:
