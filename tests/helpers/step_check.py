@@ -103,9 +103,8 @@ def flat_moments(state: dict, numels: dict[str, int]) -> dict[str, torch.Tensor]
 
 def _buffers(engine) -> list[torch.Tensor]:
     """gt, ht, gp, hp (zeros for the ones a mode does not keep)."""
-    sides = [engine.theta, engine.phi]
     out = []
-    for side in sides:
+    for side in (engine.theta, engine.phi):
         for kind in ("g", "h"):
             bufs = side.buffers if side is not None else {}
             out.append(bufs[kind] if kind in bufs else None)
@@ -175,7 +174,6 @@ def reference_step(engine, batches, state: dict, *, world: int, micro: int, piec
                 sizes,
                 res.k.cpu(),
                 res.s_phi.cpu(),
-                align=cfg.align,
                 scale=1.0 / n,
                 eps=cfg.eps,
                 pieces=pieces,
@@ -191,7 +189,7 @@ def reference_step(engine, batches, state: dict, *, world: int, micro: int, piec
     out["group"] = {k: v for k, v in engine.optimizer.param_groups[0].items() if k != "params"}
     out["optimizer"] = type(engine.optimizer).__name__
     params = dict(engine.model.named_parameters())
-    out["numels"] = {n: params[n].numel() for n in engine.param_names}
+    out["numels"] = {name: params[name].numel() for name in engine.param_names}
     out.update(capture(engine, engine.model))
     return out
 

@@ -193,14 +193,14 @@ def coefficient_noise(
     k: torch.Tensor,
     s_phi: torch.Tensor,
     *,
-    align: bool,
     scale: float,
     eps: float,
     pieces: int,
     buffer_rel: torch.Tensor,
 ) -> torch.Tensor:
     """``[S, 4]`` bounds on the differences of MDGD's rows ``(1, a, k, -k s_phi) * scale``
-    between two runs whose statistics are summed in different orders.
+    between two runs whose statistics are summed in different orders (the first two
+    entries are exact in both).
 
     Each run's statistics are within ``stats_roundoff(n)`` of the exact sums of its
     buffers (the multi-process one adds ``pieces - 1`` roundings: its per-rank pieces
@@ -210,7 +210,6 @@ def coefficient_noise(
     of float32 statistics, so ``k``'s final rounding does not enter (``u_out = 0``); a
     segment within rounding of the degeneracy threshold may get ``k = 0`` in one run.
     """
-    del align  # the rows' first two entries are exact in both runs
     u = 2 * stats_roundoff(sizes) + (pieces - 1) * U32 + 2 * buffer_rel.to(torch.float64)
     dk = k_bound(stats, k, u, 0.0)
     band = degenerate_band(stats, u, eps)
