@@ -6,16 +6,17 @@
 torchrun sets the same variables. Scenarios:
 
 * ``steps``: every case of :data:`CASES` (mode x distributed mode), 3 steps on this
-  rank's batches; saves the final trainable parameters and the figures to
-  ``OUT/steps-<rank>.pt``.
+  rank's batches; saves the state before each step and after the last
+  (``step_check.capture``) and the figures to ``OUT/steps-<rank>.pt``.
 * ``bad``: configurations on which the ranks disagree, one after another; each
   must raise a ValueError on every rank; the messages go to ``OUT/bad-<rank>.json``.
 * ``timeout`` / ``timeout_fsdp``: rank 1 never builds its engine; rank 0 must raise
   within the timeout.
 * ``trainer``: MDGDTrainer for 3 steps with the process group made by the
   TrainingArguments (accelerate), as under ``torchrun``; ``OUT/trainer-<rank>.pt``.
-* ``fsdp``: every case of :data:`FSDP_CASES` under FSDP2, the one-process references
-  (half on each rank) and where the gradients live; ``OUT/fsdp-<rank>.pt``.
+* ``fsdp``: every case of :data:`FSDP_CASES` under FSDP2 (the state before each step),
+  the one-process reference of each step from that state (half the cases on each rank)
+  and where the gradients live; ``OUT/fsdp-<rank>.pt``.
 * ``fsdp_bad``: models wrapped differently (a ValueError on every rank), then
   theta prepared the way accelerate's FSDP2 plugin does and phi by ``shard_like``.
 * ``fsdp_ckpt``: checkpoint and resume under FSDP2 against the uninterrupted run.
