@@ -18,6 +18,7 @@ from llava_tiny import (
 )
 from step_oracle import independent
 from tiny_engines import assert_update_matches, build, flat_params
+from tolerances import prefixed
 
 from mdgd import FIGURES
 from mdgd.batches import SKIPPED, MicroBatch
@@ -236,7 +237,7 @@ def test_trainer_survives_a_llava_mix_and_matches_independent_steps(tmp_path, mo
     assert 0 < sum(fractions) < STEPS and 1.0 in fractions
     for n in names:
         got, exp = dict(theta.named_parameters())[n], params[n]
-        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, msg=n)
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, msg=prefixed(n))
     logged = [h for h in trainer.state.log_history if "mdgd/text_only_fraction" in h]
     assert [h["mdgd/text_only_fraction"] for h in logged] == fractions
 

@@ -5,7 +5,10 @@ variables) and batches many cases into one launch; the parent compares the
 files the ranks write. The single-process reference is the engine with the
 ranks' micro-batches as its own (gradient accumulation of ``world x micro``
 micro-batches); in the FSDP2 launch the ranks compute those references too,
-half each, after their sharded runs.
+half each, after their sharded runs. The ranks record their state before every step
+and the reference runs each step from that state, so every step is compared within
+a bound derived from float32 arithmetic (tests/helpers/step_check.py and
+tolerances.py; docs/testing.md, "Tolerances: where the numbers come from").
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from dist_worker import (
 )
 from launch import WORLD, free_port, launch
 from llava_tiny import one_thread  # noqa: F401  (fixture)
+from step_check import assert_step_matches, reference_step
+from tolerances import prefixed
 
 from mdgd import FIGURES, MDGDConfig, MDGDEngine, mark_trainable, shard_models
 from mdgd.distributed.fsdp import local_pieces
@@ -38,8 +43,9 @@ from mdgd.distributed.fsdp import local_pieces
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def reference(case):
-    """One process, one micro-batch per rank: the union of the ranks' batches."""
+def reference(case, states: list[dict]) -> list[dict]:
+    """One process, one micro-batch per rank (the union of the ranks' batches), each step
+    from the ranks' state before it (``step_check.reference_step``)."""
     mode, _, extra, optim = case
     theta, ref = models()
     pats = patterns(theta)
@@ -47,14 +53,17 @@ def reference(case):
     opt = optimizer_for(optim)([p for p in theta.parameters() if p.requires_grad])
     cfg = MDGDConfig(mode=mode, trainable=pats, distributed="none", **extra)
     engine = MDGDEngine(theta, ref, opt, cfg)
-    figures = []
-    for step in range(STEPS):
-        for rank in range(WORLD - 1):
-            engine.backward(batch_for(theta.config, rank, step))
-        figures.append(engine.step(batch_for(theta.config, WORLD - 1, step)))
-    params = dict(theta.named_parameters())
-    flat = torch.cat([params[n].detach().reshape(-1).double() for n in engine.param_names])
-    return flat, figures, engine
+    return [
+        reference_step(
+            engine,
+            [batch_for(theta.config, rank, step) for rank in range(WORLD)],
+            states[step],
+            world=WORLD,
+            micro=1,
+            pieces=1,  # "dp": every rank computes the statistics from whole buffers
+        )
+        for step in range(STEPS)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +73,29 @@ def step_results(tmp_path_factory):
     return [torch.load(out / f"steps-{r}.pt") for r in range(WORLD)]
 
 
+def assert_steps(key: str, states: list[dict], refs: list[dict]) -> None:
+    """The run starts from the models' parameters, moves, and each of its steps matches
+    the one-process step from the same state (tests/helpers/tolerances.py's bound)."""
+    start = start_params(list(refs[0]["numels"]))
+    assert torch.equal(states[0]["params"], start), f"{key}: the run did not start from theta"
+    assert not torch.equal(states[-1]["params"], start), f"{key}: the parameters did not move"
+    for step, ref in enumerate(refs):
+        assert_step_matches(f"{key} step {step}", states[step], states[step + 1], ref)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
 def test_two_ranks_equal_one_process_on_the_union(step_results, case):
     key = case_id(case)
-    (p0, f0, early0), (p1, f1, early1) = step_results[0][key], step_results[1][key]
+    r0, r1 = step_results[0][key], step_results[1][key]
     if case[2].get("dist_bucket_mb"):  # small buckets: sent from the hooks, mid-backward
+        early0, early1 = r0["early"], r1["early"]
         assert early0 > 0 and early0 == early1, f"{key}: {early0}, {early1} early buckets"
-    # every rank ends with the same parameters, bit for bit
-    assert torch.equal(p0, p1), f"{key}: the ranks' parameters differ"
-    want, want_figs, engine = reference(case)
-    initial = dict(models()[0].named_parameters())
-    start = torch.cat([initial[n].detach().reshape(-1).double() for n in engine.param_names])
-    assert not torch.equal(want, start), "the reference did not move"
-    torch.testing.assert_close(p0, want, rtol=1e-5, atol=2e-6, msg=key)
-    assert_figures(key, f0, f1, want_figs)
+    # every rank ends every step with the same parameters, bit for bit
+    for step, (a, b) in enumerate(zip(r0["states"], r1["states"])):
+        assert torch.equal(a["params"], b["params"]), f"{key}: the ranks differ after {step} steps"
+    refs = reference(case, r0["states"])
+    assert_steps(key, r0["states"], refs)
+    assert_figures(key, r0["figures"], r1["figures"], [r["figures"] for r in refs])
 
 
 def assert_figures(key, f0, f1, want_figs) -> None:
@@ -89,7 +107,7 @@ def assert_figures(key, f0, f1, want_figs) -> None:
             rtol=0,
             atol=0,
             equal_nan=True,
-            msg=f"{key}: figures differ between ranks at step {step}",
+            msg=prefixed(f"{key}: figures differ between ranks at step {step}"),
         )
         for name in FIGURES:
             torch.testing.assert_close(
@@ -98,7 +116,7 @@ def assert_figures(key, f0, f1, want_figs) -> None:
                 rtol=1e-4,
                 atol=1e-5,
                 equal_nan=True,
-                msg=f"{key} step {step}: {name}",
+                msg=prefixed(f"{key} step {step}: {name}"),
             )
 
 
@@ -164,28 +182,18 @@ def start_params(names) -> torch.Tensor:
 
 @pytest.mark.parametrize("case", FSDP_CASES, ids=[fsdp_case_id(c) for c in FSDP_CASES])
 def test_fsdp_equals_one_process_on_the_union(fsdp_results, case):
-    """3 steps under FSDP2 on 2 ranks = one process on both ranks' micro-batches."""
+    """3 steps under FSDP2 on 2 ranks: each one = one process's step on both ranks'
+    micro-batches from the same state."""
     key = fsdp_case_id(case)
-    (p0, f0, same0), (p1, f1, same1) = (r["cases"][key] for r in fsdp_results)
-    want, want_figs = next(r["refs"][key] for r in fsdp_results if key in r["refs"])
-    assert same0 and same1, f"{key}: ref_model changed"
-    assert torch.equal(p0, p1), f"{key}: the ranks' gathered parameters differ"
+    r0, r1 = (r["cases"][key] for r in fsdp_results)
+    refs = next(r["refs"][key] for r in fsdp_results if key in r["refs"])
+    assert r0["ref_same"] and r1["ref_same"], f"{key}: ref_model changed"
+    for step, (a, b) in enumerate(zip(r0["states"], r1["states"])):
+        assert torch.equal(a["params"], b["params"]), f"{key}: the ranks differ after {step} steps"
     if case[0] != "ft":  # step 1's first micro-batch was text-only (FSDP_TEXT_ONLY)
-        assert f0[1]["text_only_fraction"] == 1 / case[2]
-    theta = models()[0]
-    named = mark_trainable(theta, patterns(theta))
-    start = start_params([n for n, _ in named])
-    assert not torch.equal(want, start), "the reference did not move"
-    offsets = torch.tensor([0] + [p.numel() for _, p in named]).cumsum(0).tolist()
-    for (name, _), lo, hi in zip(named, offsets, offsets[1:]):
-        got, exp = p0[lo:hi], want[lo:hi]
-        # parameters (atol relative to the tensor's max), and the updates, more sharply
-        atol = 1e-5 * exp.abs().max().item()
-        torch.testing.assert_close(got, exp, rtol=1e-5, atol=atol, msg=f"{key}: {name}")
-        upd_got, upd_exp = got - start[lo:hi], exp - start[lo:hi]
-        atol = 1e-4 * upd_exp.abs().max().item()
-        torch.testing.assert_close(upd_got, upd_exp, rtol=1e-4, atol=atol, msg=f"{key}: {name}")
-    assert_figures(key, f0, f1, want_figs)
+        assert r0["figures"][1]["text_only_fraction"] == 1 / case[2]
+    assert_steps(key, r0["states"], refs)
+    assert_figures(key, r0["figures"], r1["figures"], [r["figures"] for r in refs])
 
 
 def test_fsdp_keeps_no_full_size_gradient(fsdp_results):
@@ -227,14 +235,14 @@ def test_fsdp_models_wrapped_differently_fail_on_every_rank(fsdp_bad_dir):
 def test_fsdp_phi_wrapped_like_an_accelerate_plugin_theta(fsdp_bad_dir):
     """theta wrapped by accelerate's own FSDP2 preparation, phi by shard_like: equal to
     one process (the Trainer's accelerate-plugin path, as far as a CPU allows)."""
-    (p0, f0, mode, units), (p1, f1, _, _) = (
+    (s0, f0, mode, units), (s1, f1, _, _) = (
         torch.load(fsdp_bad_dir / f"plugin-{r}.pt") for r in range(WORLD)
     )
     assert mode == "fsdp" and "lm_head" in units and len(units) > 4, units
-    assert torch.equal(p0, p1)
-    want, want_figs = run_fsdp_reference(PLUGIN_CASE, WORLD)
-    torch.testing.assert_close(p0, want, rtol=1e-5, atol=1e-6)
-    assert_figures("plugin", f0, f1, want_figs)
+    assert torch.equal(s0[-1]["params"], s1[-1]["params"])
+    refs = run_fsdp_reference(PLUGIN_CASE, WORLD, s0)
+    assert_steps("plugin", s0, refs)
+    assert_figures("plugin", f0, f1, [r["figures"] for r in refs])
 
 
 def test_fsdp_checkpoint_resumes_bit_for_bit(tmp_path):
@@ -266,7 +274,7 @@ def test_trainer_on_fsdp2_equals_dp_and_resumes(tmp_path):
                 rtol=1e-5,
                 atol=1e-6,
                 equal_nan=True,
-                msg=key,
+                msg=prefixed(key),
             )
     torch.testing.assert_close(r["fsdp"]["params"], r["dp"]["params"], rtol=1e-5, atol=1e-6)
     assert {"mdgd_fsdp", "scheduler.pt", "mdgd_trainable.safetensors"} <= set(r["files"])

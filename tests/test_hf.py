@@ -15,6 +15,7 @@ from llava_tiny import (
     tiny_llava,
     trainer_args,
 )
+from tolerances import prefixed
 
 from mdgd import FIGURES, MDGDConfig, MDGDEngine, llava_trainable_patterns
 
@@ -62,7 +63,7 @@ def test_trainer_step_equals_engine_step_with_accumulation(tmp_path, mode):
     engine.backward(mb[0])
     engine.step(mb[1])
     for (name, a), b in zip(theta.named_parameters(), engine_theta.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=prefixed(name))
 
 
 def test_trainer_logs_mdgd_figures_and_checkpoints(tmp_path):
@@ -119,7 +120,7 @@ def test_trainer_resume_from_its_checkpoint(tmp_path):
     resumed, tr = trainer_for(tmp_path / "half", max_steps=4)
     tr.train(resume_from_checkpoint=str(tmp_path / "half" / "checkpoint-2"))
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=prefixed(name))
 
 
 def test_trainer_rejects_bad_configuration(tmp_path):

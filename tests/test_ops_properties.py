@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import tolerances
 import torch
 from conftest import (
     TOL,
@@ -163,34 +164,20 @@ def overflow_bounds(ref: ReferenceResult, sizes) -> tuple[bool, bool]:
 def degenerate_band(ref: ReferenceResult, u: torch.Tensor) -> torch.Tensor:
     """Segments whose degeneracy test (projected norm <= eps * norm) is within the
     statistics' rounding (``3u`` of the norm) of its threshold: either answer is right."""
-    st = ref.stats
-    band = torch.zeros(st.shape[0], dtype=torch.bool)
-    for g, gh, h in ((0, 1, 2), (3, 4, 5)):
-        s = torch.where(st[:, h] == 0, 0.0, st[:, gh] / torch.where(st[:, h] == 0, 1.0, st[:, h]))
-        nb = (st[:, g] - s * st[:, gh]).clamp(min=0)
-        band |= (nb - EPS * st[:, g]).abs() <= 3 * u * st[:, g]
-    return band
-
-
-def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den == 0, 0.0, num / torch.where(den == 0, 1.0, den))
+    return tolerances.degenerate_band(ref.stats, u, EPS)
 
 
 def check_coefficients(res, ref: ReferenceResult, sizes, u, band) -> torch.Tensor:
-    """s_theta, s_phi, k and cos against the oracle, within the segment's conditioning.
-    Returns the cos tolerance per segment (the mask check's)."""
-    st = ref.stats
-    for got, (g, gh, h) in ((res.s_theta, (0, 1, 2)), (res.s_phi, (3, 4, 5))):
-        want = _ratio(st[:, gh], st[:, h])
-        tol = 2 * u * _ratio(st[:, g], st[:, h]).sqrt() + U_OUT * want.abs()
+    """s_theta, s_phi, k and cos against the oracle, within the segment's conditioning
+    (tests/helpers/tolerances.py). Returns the cos tolerance per segment (the mask check's)."""
+    s_theta, s_phi, _, _ = tolerances.projections(ref.stats)
+    for got, want, which in ((res.s_theta, s_theta, "theta"), (res.s_phi, s_phi, "phi")):
+        tol = tolerances.s_bound(ref.stats, u, which) + U_OUT * want.abs()
         _assert_within(got, want, tol, "s_theta/s_phi")
     tol = cos_tolerance(ref, sizes, u)
     tol = torch.where(band, 2.0 + tol, tol)  # either side of the threshold: any cos
     assert_cos_close(res.cos, ref, sizes, tol=tol)
-    nbp = (st[:, 3] - _ratio(st[:, 4], st[:, 5]) * st[:, 4]).clamp(min=0)
-    # k = dot / |gbar_phi|^2: dot's four terms are each within sqrt(gt.gt * gp.gp)
-    k_dot = 8 * u * _ratio((st[:, 0] * st[:, 3]).sqrt(), nbp)
-    k_tol = k_dot + (3 * u * _ratio(st[:, 3], nbp) + U_OUT) * ref.k.abs()
+    k_tol = tolerances.k_bound(ref.stats, ref.k, u, U_OUT)
     k = res.k.to(torch.float64).cpu()
     assert k.isfinite().all(), "k must be finite"
     _assert_within(k, ref.k, torch.where(band, math.inf, k_tol), "k")

@@ -15,6 +15,7 @@ from llava_tiny import (
     trainer_args,
 )
 from tiny_engines import build
+from tolerances import prefixed
 
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns, mark_trainable
 
@@ -79,7 +80,7 @@ def test_max_grad_norm_in_the_trainer_equals_the_engine(tmp_path):
     engine = MDGDEngine(e_theta, e_ref, opt, cfg)
     engine.step({k: torch.stack([data[i][k] for i in range(4)]) for k in data[0]})
     for (name, a), b in zip(theta.named_parameters(), e_theta.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=prefixed(name))
 
 
 def test_bad_max_grad_norm():

@@ -22,6 +22,7 @@ from tiny_checkpoints import build_all, flags, parse
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
+from tolerances import prefixed  # noqa: E402
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from mdgd.data import IGNORE, LlavaDataset, to_messages  # noqa: E402
@@ -198,7 +199,7 @@ def test_train_mode(tiny, tmp_path, family, mode):
     for (name, a), b, c in zip(
         reloaded.state_dict().items(), trained.state_dict().values(), pre.state_dict().values()
     ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=prefixed(name))
         changed += not torch.equal(a, c)
     assert changed > 0
     assert AutoProcessor.from_pretrained(tmp_path).chat_template
@@ -236,7 +237,7 @@ def test_resume_equals_the_uninterrupted_run(tiny, tmp_path):
     start = trainable_state(d / "model")
     assert any(not torch.equal(full[k], start[k]) for k in full)
     for k in full:
-        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=0, msg=prefixed(k))
 
 
 def test_two_processes_equal_one_process_on_the_union(tiny, tmp_path):
@@ -259,7 +260,7 @@ def test_two_processes_equal_one_process_on_the_union(tiny, tmp_path):
     start = trainable_state(d / "model")
     assert any(not torch.equal(one[k], start[k]) for k in one)
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=prefixed(k))
     s_two = json.loads((tmp_path / "two" / SUMMARY_NAME).read_text())
     s_one = json.loads((tmp_path / "one" / SUMMARY_NAME).read_text())
     assert s_two["figures"]["mdgd/erank"] == pytest.approx(s_one["figures"]["mdgd/erank"], 1e-4)

@@ -6,16 +6,17 @@
 torchrun sets the same variables. Scenarios:
 
 * ``steps``: every case of :data:`CASES` (mode x distributed mode), 3 steps on this
-  rank's batches; saves the final trainable parameters and the figures to
-  ``OUT/steps-<rank>.pt``.
+  rank's batches; saves the state before each step and after the last
+  (``step_check.capture``) and the figures to ``OUT/steps-<rank>.pt``.
 * ``bad``: configurations on which the ranks disagree, one after another; each
   must raise a ValueError on every rank; the messages go to ``OUT/bad-<rank>.json``.
 * ``timeout`` / ``timeout_fsdp``: rank 1 never builds its engine; rank 0 must raise
   within the timeout.
 * ``trainer``: MDGDTrainer for 3 steps with the process group made by the
   TrainingArguments (accelerate), as under ``torchrun``; ``OUT/trainer-<rank>.pt``.
-* ``fsdp``: every case of :data:`FSDP_CASES` under FSDP2, the one-process references
-  (half on each rank) and where the gradients live; ``OUT/fsdp-<rank>.pt``.
+* ``fsdp``: every case of :data:`FSDP_CASES` under FSDP2 (the state before each step),
+  the one-process reference of each step from that state (half the cases on each rank)
+  and where the gradients live; ``OUT/fsdp-<rank>.pt``.
 * ``fsdp_bad``: models wrapped differently (a ValueError on every rank), then
   theta prepared the way accelerate's FSDP2 plugin does and phi by ``shard_like``.
 * ``fsdp_ckpt``: checkpoint and resume under FSDP2 against the uninterrupted run.
@@ -49,6 +50,7 @@ from llava_tiny import (  # noqa: E402
     tiny_llava,
     trainer_args,
 )
+from step_check import capture, full_flat, reference_step  # noqa: E402
 
 from mdgd import (  # noqa: E402
     ImageTokenHidden,
@@ -116,9 +118,10 @@ def optimizer_for(name: str):
     return lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, eps=1e-4)
 
 
-def run_case(case, rank: int, world: int):
-    """Final trainable parameters (float64, flat), per-step figures, and the number of
-    buckets all-reduced from inside a backward ("dp"), of one case."""
+def run_case(case, rank: int, world: int) -> dict:
+    """3 steps of one case: the state before each step and after the last
+    (``step_check.capture``), the figures, and the number of buckets all-reduced from
+    inside a backward ("dp")."""
     mode, dmode, extra, optim = case
     theta, ref = models()
     pats = patterns(theta)
@@ -126,12 +129,11 @@ def run_case(case, rank: int, world: int):
     cfg = MDGDConfig(mode=mode, trainable=pats, distributed=dmode, dist_timeout_s=60, **extra)
     opt = optimizer_for(optim)([p for p in theta.parameters() if p.requires_grad])
     engine = MDGDEngine(theta, ref, opt, cfg)
-    figures = []
+    figures, states = [], [capture(engine, theta)]
     for step in range(STEPS):
         figures.append(engine.step(batch_for(theta.config, rank, step)))
-    params = dict(theta.named_parameters())
-    flat = torch.cat([params[n].detach().reshape(-1).double() for n in engine.param_names])
-    return flat, figures, engine.exchange.early_buckets
+        states.append(capture(engine, theta))
+    return {"states": states, "figures": figures, "early": engine.exchange.early_buckets}
 
 
 def scenario_steps(rank: int, world: int, out: str) -> None:
@@ -296,42 +298,40 @@ def build_fsdp_case(case, sharded: bool):
     return theta, ref, MDGDEngine(theta, ref, opt, cfg)
 
 
-def full_flat(model, names) -> torch.Tensor:
-    """The named parameters, gathered whole (a collective under FSDP2), flat float64."""
-    params = dict(model.named_parameters())
-    whole = [
-        params[n].full_tensor() if hasattr(params[n], "full_tensor") else params[n] for n in names
-    ]
-    return torch.cat([w.detach().reshape(-1).double() for w in whole])
-
-
-def run_fsdp_case(case, rank: int, world: int):
-    """3 steps on this rank's micro-batches; final parameters, figures, phi unchanged."""
+def run_fsdp_case(case, rank: int, world: int) -> dict:
+    """3 steps on this rank's micro-batches: the state before each step and after the
+    last (``step_check.capture``), the figures, and whether phi stayed unchanged."""
     micro = case[2]
     theta, ref, engine = build_fsdp_case(case, sharded=True)
-    figures = []
+    figures, states = [], [capture(engine, theta)]
     for step in range(STEPS):
         for m in range(micro - 1):
             engine.backward(batch_for(theta.config, rank, step, m, FSDP_TEXT_ONLY))
         figures.append(engine.step(batch_for(theta.config, rank, step, micro - 1, FSDP_TEXT_ONLY)))
+        states.append(capture(engine, theta))
     fresh = models()[1]
     ref_names = [n for n, _ in fresh.named_parameters()]
     ref_same = torch.equal(full_flat(ref, ref_names), full_flat(fresh, ref_names))
-    return full_flat(theta, engine.param_names), figures, ref_same
+    return {"states": states, "figures": figures, "ref_same": ref_same}
 
 
-def run_fsdp_reference(case, world: int):
-    """One process, the union of the ranks' micro-batches (world x micro per step)."""
+def run_fsdp_reference(case, world: int, states: list[dict]) -> list[dict]:
+    """One process, the union of the ranks' micro-batches (world x micro per step), each
+    step from the multi-process run's state before it (``step_check.reference_step``)."""
     micro = case[2]
     theta, _, engine = build_fsdp_case(case, sharded=False)
-    figures = []
-    batches = [(r, m) for r in range(world) for m in range(micro)]
-    for step in range(STEPS):
-        for r, m in batches[:-1]:
-            engine.backward(batch_for(theta.config, r, step, m, FSDP_TEXT_ONLY))
-        r, m = batches[-1]
-        figures.append(engine.step(batch_for(theta.config, r, step, m, FSDP_TEXT_ONLY)))
-    return full_flat(theta, engine.param_names), figures
+    ranks = [(r, m) for r in range(world) for m in range(micro)]
+    return [
+        reference_step(
+            engine,
+            [batch_for(theta.config, r, step, m, FSDP_TEXT_ONLY) for r, m in ranks],
+            states[step],
+            world=world,
+            micro=micro,
+            pieces=world,  # each rank sums its shards' pieces, then one all-reduce
+        )
+        for step in range(STEPS)
+    ]
 
 
 def grad_storage(rank: int) -> dict:
@@ -376,9 +376,10 @@ def grad_storage(rank: int) -> dict:
 
 def scenario_fsdp(rank: int, world: int, out: str) -> None:
     mine = {fsdp_case_id(c): run_fsdp_case(c, rank, world) for c in FSDP_CASES}
-    # the one-process references, split over the ranks
+    # the one-process references, split over the ranks, from this rank's states (every
+    # rank gathered the same ones)
     refs = {
-        fsdp_case_id(c): run_fsdp_reference(c, world)
+        fsdp_case_id(c): run_fsdp_reference(c, world, mine[fsdp_case_id(c)]["states"])
         for i, c in enumerate(FSDP_CASES)
         if i % world == rank
     }
@@ -456,12 +457,12 @@ def run_plugin_wrapped(rank: int):
     shard_like(ref, theta)
     opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
     engine = MDGDEngine(theta, ref, opt, MDGDConfig(trainable=pats, dist_timeout_s=60))
-    figures = [
-        engine.step(batch_for(theta.config, rank, step, text_only=FSDP_TEXT_ONLY))
-        for step in range(STEPS)
-    ]
+    figures, states = [], [capture(engine, theta)]
+    for step in range(STEPS):
+        figures.append(engine.step(batch_for(theta.config, rank, step, text_only=FSDP_TEXT_ONLY)))
+        states.append(capture(engine, theta))
     units = [n for n, m in theta.named_modules() if type(m).__name__.startswith("FSDP")]
-    return full_flat(theta, engine.param_names), figures, engine.dist_mode, units
+    return states, figures, engine.dist_mode, units
 
 
 def scenario_fsdp_ckpt(rank: int, world: int, out: str) -> None:
