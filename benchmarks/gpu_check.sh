@@ -127,7 +127,7 @@ build_part() {
     echo "== build record"
     cat "$record" || return
     cp "$record" "$out/build.json"
-    "$py" -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(not r["_C"]["built"])' \
+    "$py" -c 'import json, sys; r = json.load(open(sys.argv[1])); sys.exit(not r["parts"]["_C"]["built"])' \
         "$record" || { echo "the CPU kernels did not build: see the build log above"; return 1; }
     [ "$dry" = 1 ] && return 0
     echo "== info after the build"
