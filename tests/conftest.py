@@ -61,7 +61,9 @@ def make_buffers(
     sizes, dtype=torch.float32, case: str = "random", seed: int | None = None, device="cpu"
 ) -> list[torch.Tensor]:
     """Four flat buffers (gt, ht, gp, hp) with a distinct magnitude per segment."""
-    gen = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4)))
+    gen = torch.Generator().manual_seed(
+        seed if seed is not None else int.from_bytes(os.urandom(4), "little")
+    )
     n = sum(sizes)
     scale = torch.cat(
         [torch.full((s,), 10.0 ** (6 * torch.rand((), generator=gen).item() - 3)) for s in sizes]
@@ -210,7 +212,7 @@ def oracle(bufs, sizes, **kw) -> ReferenceResult:
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test, printed on failure so a run can be replayed."""
-    s = int.from_bytes(os.urandom(4))
+    s = int.from_bytes(os.urandom(4), "little")
     print(f"seed={s}")
     return s
 
