@@ -207,7 +207,7 @@ def seed(request) -> int:
     """A fresh seed per test, or ``MDGD_TEST_SEED``'s to rerun one: a failing test's
     report names its seed and the command that reruns it (:func:`pytest_runtest_makereport`)."""
     env = os.environ.get(SEED_ENV)
-    s = int(env) if env else int.from_bytes(os.urandom(4))
+    s = int(env) if env else int.from_bytes(os.urandom(4), "little")
     request.node.stash[_SEED] = s
     print(f"seed={s}")
     return s

@@ -238,7 +238,13 @@ def test_fsdp_phi_wrapped_like_an_accelerate_plugin_theta(fsdp_bad_dir):
     (s0, f0, mode, units), (s1, f1, _, _) = (
         torch.load(fsdp_bad_dir / f"plugin-{r}.pt") for r in range(WORLD)
     )
-    assert mode == "fsdp" and "lm_head" in units and len(units) > 4, units
+    assert mode == "fsdp" and len(units) > 4, units
+    # accelerate 1.14 began wrapping [final norm, lm_head] in a unit of their own;
+    # before it lm_head stays in the root unit
+    import accelerate
+
+    if tuple(int(x) for x in accelerate.__version__.split(".")[:2]) >= (1, 14):
+        assert "lm_head" in units, units
     assert torch.equal(s0[-1]["params"], s1[-1]["params"])
     refs = run_fsdp_reference(PLUGIN_CASE, WORLD, s0)
     assert_steps("plugin", s0, refs)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from llava_tiny import one_thread, perturbed_copy, random_batch, tiny_llava  # noqa: F401
+from llava_tiny import (  # noqa: F401
+    checkpoint_activations,
+    one_thread,
+    perturbed_copy,
+    random_batch,
+    tiny_llava,
+)
 
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns, recompute_layers
 from mdgd.distributed.shard import transformer_layers
@@ -16,9 +22,7 @@ def engine_pair(checkpoint: bool):
     ref = tiny_llava(seed=0)
     theta = perturbed_copy(ref, seed=1)
     if checkpoint:
-        theta.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        checkpoint_activations(theta)
     cfg = MDGDConfig(trainable=llava_trainable_patterns(ref.config, 2))
     return MDGDEngine(theta, ref, None, cfg)
 

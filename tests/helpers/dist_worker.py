@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from llava_tiny import (  # noqa: E402
     Examples,
+    checkpoint_activations,
     perturbed_copy,
     random_batch,
     text_only_batch,
@@ -282,9 +283,7 @@ def build_fsdp_case(case, sharded: bool):
     pats = patterns(theta)
     mark_trainable(theta, pats)
     if ckpt:
-        theta.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
-        )
+        checkpoint_activations(theta)
     if sharded:
         shard_models(theta, ref, reshard_after_forward=reshard, shard_frozen=frozen)
     opt = optimizer_for(optim)([p for p in theta.parameters() if p.requires_grad])

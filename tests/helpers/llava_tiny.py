@@ -41,6 +41,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def checkpoint_activations(model) -> None:
+    """transformers' activation checkpointing on ``model``, non-reentrant.
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` and deprecated the old name (a FutureWarning,
+    removed in v6); older 5.x releases, the lowest supported among them, have only
+    the old name.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class Examples(torch.utils.data.Dataset):
     """Single examples cut from fixed random batches (same length, no padding)."""
 
