@@ -13,7 +13,7 @@ The HF Trainer lives in :mod:`mdgd.integrations.hf` (imported on demand, so that
 from __future__ import annotations
 
 from .config import MDGDConfig, llava_trainable_patterns, mark_trainable
-from .distributed import shard_models
+from .distributed import deepspeed_models, shard_models
 from .engine import FIGURES, MDGDEngine
 from .recompute import recompute_layers
 from .visual import ImageTokenHidden
@@ -25,6 +25,7 @@ __all__ = [
     "ImageTokenHidden",
     "MDGDConfig",
     "MDGDEngine",
+    "deepspeed_models",
     "llava_trainable_patterns",
     "mark_trainable",
     "recompute_layers",

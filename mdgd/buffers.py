@@ -31,7 +31,11 @@ class FlatGrads:
     """Named flat gradient buffers for ``params`` and their per-parameter views."""
 
     def __init__(
-        self, names: Sequence[str], params: Sequence[nn.Parameter], kinds: Sequence[str]
+        self,
+        names: Sequence[str],
+        params: Sequence[nn.Parameter],
+        kinds: Sequence[str],
+        shapes: Sequence[torch.Size] | None = None,
     ) -> None:
         if not params:
             raise ValueError("FlatGrads needs at least one parameter")
@@ -48,7 +52,11 @@ class FlatGrads:
         self.params = list(params)
         self.dtype = params[0].dtype
         self.device = params[0].device
-        self.local_shapes = [local_tensor(p).shape for p in params]
+        # a strategy may keep only part of each parameter here (DeepSpeed ZeRO-3: this
+        # rank's partition, read through DeepSpeed's API, never pointed at as .grad)
+        self.local_shapes = (
+            list(shapes) if shapes is not None else [local_tensor(p).shape for p in params]
+        )
         self.sizes = [math.prod(s) for s in self.local_shapes]
         self.numel = sum(self.sizes)
         self.buffers: dict[str, torch.Tensor] = {}
@@ -57,7 +65,7 @@ class FlatGrads:
             buf = torch.zeros(self.numel, dtype=self.dtype, device=self.device)
             self.buffers[kind] = buf
             self.views[kind] = [
-                _as_grad(v.view(shape), p)
+                _as_grad(v.view(shape), p) if shapes is None else v.view(shape)
                 for v, shape, p in zip(torch.split(buf, self.sizes), self.local_shapes, params)
             ]
 

@@ -33,15 +33,14 @@ A run stopped after a step and resumed from its checkpoint continues exactly
 as the uninterrupted run, provided the data order is resumed too (the engine
 does not own the data loader; ``engine.step_count`` tells where it was).
 
-FSDP2 runs (``distributed="fsdp"``) save with ``torch.distributed.checkpoint``
-(every rank calls ``save_checkpoint`` / ``load_checkpoint``; no rank gathers the
-full model): the directory then holds ``dcp-<generation>/`` (theta's trainable
-parameters and the optimizer state, sharded, through ``get_state_dict`` /
-``set_state_dict``), ``state.pt`` and ``tensors-<generation>.safetensors`` (written
-by rank 0, last: step, config, names, scheduler) and ``rng-<rank>-<generation>.*``
-(each rank's RNG states). Resume with the same number of
-ranks (the RNG files are per rank); DCP itself can reshard the model and
-optimizer state to another world size.
+That is the format of one process and of ``"dp"`` (every rank holds the same
+state; rank 0's is what a resumed run needs). A strategy whose ranks hold
+shards writes its own files (the engine's exchange decides:
+``GradExchange.save_checkpoint``): FSDP2 through ``torch.distributed.checkpoint``
+(:mod:`mdgd.distributed.fsdp_checkpoint`), DeepSpeed through the engine's own
+``save_checkpoint`` (:mod:`mdgd.distributed.deepspeed`); both keep ``state.pt``
+as the commit point and use the helpers here. Every rank then calls
+``save_checkpoint`` / ``load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -65,11 +64,10 @@ from .checkpoint_files import (
 )
 
 STATE = "state.pt"
-DCP_DIR = "dcp"
 _MUST_MATCH = ("mode", "granularity")  # config keys a resumed run cannot change
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     import numpy as np
 
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -83,7 +81,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
@@ -104,18 +102,7 @@ def save_checkpoint(engine, path: str | Path) -> Path:
         )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    if engine.dist_mode == "fsdp":
-        return _save_fsdp(engine, path)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in zip(engine.theta.names, engine.theta.params):
-        tensors[f"model/{name}"] = p.detach().cpu().contiguous()
-    state = _engine_state(engine, tensors, ("optimizer", "lr_scheduler", "scaler"))
-    state["rng"] = split_tensors(_rng_state(), "rng", tensors)
-    generation = next_generation(path, "state")
-    write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
-    prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
-    prune(path, ".*.tmp-*")  # left by saves that were killed
-    return path
+    return engine.exchange.save_checkpoint(engine, path)
 
 
 def load_checkpoint(engine, path: str | Path) -> None:
@@ -124,37 +111,56 @@ def load_checkpoint(engine, path: str | Path) -> None:
     Everything is read and checked first; a :class:`CheckpointError` (or
     ``FileNotFoundError``) leaves the engine untouched.
     """
-    path = Path(path)
     if engine.num_micro_batches:
         raise RuntimeError(
             "load a checkpoint before backward(), not in the middle of an accumulation"
         )
-    state, tensors = read_verified(path, "state")
-    _check_compatible(engine, state, path / STATE)
-    if engine.dist_mode == "fsdp":
-        keys = ("lr_scheduler", "scaler")
-        rng, rng_tensors = read_verified(path, f"{_rng_name()}-{state['generation']}")
-        rng = rng["rng"]
-    else:
-        keys = ("optimizer", "lr_scheduler", "scaler")
-        rng, rng_tensors = state["rng"], tensors
-    staged = {key: _staged(engine, key, state, tensors, path / STATE) for key in keys}
-    rng = join_tensors(rng, rng_tensors)
+    engine.exchange.load_checkpoint(engine, Path(path))
+
+
+def save_full(engine, path: Path) -> Path:
+    """The one-process format (module doc): every tensor in one safetensors file."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in zip(engine.theta.names, engine.theta.params):
+        tensors[f"model/{name}"] = p.detach().cpu().contiguous()
+    state = engine_state(engine, tensors, ("optimizer", "lr_scheduler", "scaler"))
+    state["rng"] = split_tensors(rng_state(), "rng", tensors)
+    generation = next_generation(path, "state")
+    write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
+    prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
+    prune(path, ".*.tmp-*")  # left by saves that were killed
+    return path
+
+
+def load_full(engine, path: Path) -> None:
+    """Load what :func:`save_full` wrote (checked first, then applied)."""
+    state, tensors = read_checked(engine, path)
+    keys = ("optimizer", "lr_scheduler", "scaler")
+    staged = {key: stage(engine, key, state, tensors, path / STATE) for key in keys}
+    rng = join_tensors(state["rng"], tensors)
     # nothing has changed so far; the optimizer checks its groups before it changes
-    if engine.dist_mode == "fsdp":
-        load_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{state['generation']}")
-    for key, obj in staged.items():
-        if obj is not None:
-            getattr(engine, key).load_state_dict(obj)
-    if engine.dist_mode != "fsdp":
-        with torch.no_grad():
-            for name, p in zip(engine.theta.names, engine.theta.params):
-                p.copy_(tensors[f"model/{name}"])
-    _set_rng_state(rng)
+    apply_staged(engine, staged)
+    with torch.no_grad():
+        for name, p in zip(engine.theta.names, engine.theta.params):
+            p.copy_(tensors[f"model/{name}"])
+    set_rng_state(rng)
     engine.step_count = state["step"]
 
 
-def _staged(engine, key: str, state: dict, tensors: dict, file: Path) -> Any:
+def read_checked(engine, path: Path) -> tuple[dict, dict]:
+    """``state.pt`` and its tensors, verified and checked against ``engine``."""
+    state, tensors = read_verified(path, "state")
+    check_compatible(engine, state, path / STATE)
+    return state, tensors
+
+
+def apply_staged(engine, staged: dict[str, Any]) -> None:
+    for key, obj in staged.items():
+        if obj is not None:
+            getattr(engine, key).load_state_dict(obj)
+
+
+def stage(engine, key: str, state: dict, tensors: dict, file: Path) -> Any:
     """The saved state dict of ``engine.<key>``, its tensors joined in (None if absent)."""
     obj, saved = getattr(engine, key), state[key]
     if (obj is None) != (saved is None):
@@ -168,15 +174,15 @@ def _staged(engine, key: str, state: dict, tensors: dict, file: Path) -> Any:
         raise CheckpointError(f"{file} refers to tensor {exc} that its tensors file lacks") from exc
 
 
-def _engine_state(engine, tensors: dict[str, torch.Tensor], keys) -> dict[str, Any]:
+def engine_state(engine, tensors: dict[str, torch.Tensor], keys) -> dict[str, Any]:
     state: dict[str, Any] = {
         "format": FORMAT,
         "step": engine.step_count,
         "config": engine.config.to_dict(),
         "param_names": list(engine.theta.names),
-        "param_shapes": [list(p.shape) for p in engine.theta.params],
+        "param_shapes": [list(shape) for shape in engine.exchange.shapes],
         "segment_sizes": list(engine.segments.sizes),
-        "sharded": engine.dist_mode == "fsdp",
+        "layout": engine.exchange.checkpoint_format,
     }
     for key in keys:
         obj = getattr(engine, key)
@@ -184,7 +190,14 @@ def _engine_state(engine, tensors: dict[str, torch.Tensor], keys) -> dict[str, A
     return state
 
 
-def _check_compatible(engine, state: dict, file: Path) -> None:
+def _saved_format(state: dict) -> str:
+    """The checkpoint's format (files before "layout" existed said "sharded")."""
+    if "layout" in state:
+        return state["layout"]
+    return "fsdp-dcp" if state.get("sharded") else "full"
+
+
+def check_compatible(engine, state: dict, file: Path) -> None:
     """Raise :class:`CheckpointError` where the checkpoint cannot resume ``engine``."""
     if state["param_names"] != list(engine.theta.names):
         saved, now = set(state["param_names"]), set(engine.theta.names)
@@ -193,11 +206,12 @@ def _check_compatible(engine, state: dict, file: Path) -> None:
             f"{file} trains {len(saved)} parameters, this engine {len(now)}; they "
             f"differ in e.g. {diff}: build the engine with the same trainable patterns"
         )
-    if state.get("sharded", False) != (engine.dist_mode == "fsdp"):
-        which = "an FSDP2" if state.get("sharded") else "a non-FSDP2"
+    saved_format, now = _saved_format(state), engine.exchange.checkpoint_format
+    if saved_format != now:
         raise CheckpointError(
-            f"{file} is {which} checkpoint but this engine runs in {engine.dist_mode!r} mode: "
-            "resume in the mode it was saved in"
+            f"{file} is a {saved_format!r} checkpoint but this engine runs in "
+            f"{engine.distributed!r} mode, which writes {now!r} ones: resume in the mode "
+            "it was saved in"
         )
     config = engine.config.to_dict()
     for key in _MUST_MATCH:
@@ -206,8 +220,7 @@ def _check_compatible(engine, state: dict, file: Path) -> None:
                 f"{file} was written with {key}={state['config'][key]!r}, this engine has "
                 f"{key}={config[key]!r}: resume with the same {key}"
             )
-    if not state["sharded"]:
-        _check_layout(engine, state, file)
+    _check_layout(engine, state, file)
     if state["config"] != config:
         warnings.warn(
             f"the checkpoint was written with {state['config']}, this engine has "
@@ -217,10 +230,11 @@ def _check_compatible(engine, state: dict, file: Path) -> None:
 
 
 def _check_layout(engine, state: dict, file: Path) -> None:
-    for name, saved, p in zip(state["param_names"], state["param_shapes"], engine.theta.params):
-        if saved != list(p.shape):
+    shapes = engine.exchange.shapes
+    for name, saved, shape in zip(state["param_names"], state["param_shapes"], shapes):
+        if saved != list(shape):
             raise CheckpointError(
-                f"{file} has {name} of shape {tuple(saved)}, this engine {tuple(p.shape)}: "
+                f"{file} has {name} of shape {tuple(saved)}, this engine {tuple(shape)}: "
                 "build the model from the same configuration"
             )
     saved, now = state["segment_sizes"], list(engine.segments.sizes)
@@ -232,92 +246,3 @@ def _check_layout(engine, state: dict, file: Path) -> None:
             f"{file} has a layout of {len(saved)} segments, this engine {len(now)}; they first "
             f"differ at segment {at}: resume with the same granularity and trainable set"
         )
-
-
-# ---------------------------------------------------------------------- FSDP2
-
-
-def _rng_name() -> str:
-    import torch.distributed as dist
-
-    return f"rng-{dist.get_rank()}"
-
-
-def _dcp_state(model, optimizer) -> tuple[dict, dict, Any]:
-    """The trainable parameters and the optimizer state, sharded, as DCP sees them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    if optimizer is None:
-        raise ValueError(
-            "an FSDP2 checkpoint saves the optimizer with the model: give the engine its optimizer"
-        )
-    options = StateDictOptions(ignore_frozen_params=True, strict=False)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    return model_sd, optim_sd, options
-
-
-def save_sharded(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path
-) -> None:
-    """Save an FSDP2 model's trainable parameters and its optimizer's state with
-    ``torch.distributed.checkpoint`` into the directory ``path`` (every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
-
-    model_sd, optim_sd, _ = _dcp_state(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
-
-
-def load_sharded(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str | Path
-) -> None:
-    """Load what :func:`save_sharded` wrote (every rank calls it)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
-    model_sd, optim_sd, options = _dcp_state(model, optimizer)
-    want = set(model_sd)
-    # parameters MDGD-GM never selected have no optimizer state in the checkpoint: leave
-    # them without state (get_state_dict's template initialises every parameter's)
-    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    prefixes = {key.rsplit(".", 1)[0] for key in saved if key.startswith("optim.state.")}
-    optim_sd["state"] = {
-        fqn: st for fqn, st in optim_sd["state"].items() if f"optim.state.{fqn}" in prefixes
-    }
-    loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=str(path))
-    result = set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=loaded["model"],
-        optim_state_dict=loaded["optim"],
-        options=options,
-    )
-    missing = want & set(result.missing_keys)
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} parameter(s), e.g. {min(missing)}")
-
-
-def _save_fsdp(engine, path: Path) -> Path:
-    """Every rank writes its RNG file and its DCP shard under a new generation's names;
-    then rank 0 commits ``state.pt``, and only then are older generations removed."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank()
-    generation = next_generation(path, "state")  # read by every rank before dcp.save syncs them
-    rng_tensors: dict[str, torch.Tensor] = {}
-    rng = {"format": FORMAT, "rng": split_tensors(_rng_state(), "rng", rng_tensors)}
-    rng_name = f"rng-{rank}-{generation}"
-    write_generation(path, rng_name, rng_name, rng, rng_tensors, engine.step_count, generation)
-    save_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{generation}")
-    dist.barrier()  # every rank's files are complete before the commit
-    if rank == 0:
-        tensors: dict[str, torch.Tensor] = {}
-        state = _engine_state(engine, tensors, ("lr_scheduler", "scaler"))
-        write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
-    dist.barrier()  # committed: older generations can go
-    if rank == 0:
-        prune(path, f"{DCP_DIR}-*", f"{DCP_DIR}-{generation}")
-        prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
-        prune(path, ".*.tmp-*")  # left by saves that were killed
-    prune(path, f"rng-{rank}-*", f"{rng_name}.pt", f"{rng_name}-{generation}.safetensors")
-    return path

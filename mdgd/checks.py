@@ -18,7 +18,7 @@ from torch import nn
 
 from .buffers import local_tensor
 from .config import mark_trainable
-from .distributed import canonical_name
+from .distributed import canonical_name, global_shape
 from .families import check_same_config
 
 
@@ -50,8 +50,9 @@ def check_same_architecture(model: nn.Module, ref_model: nn.Module) -> None:
             f"ref_model is a {type(ref_model).__name__} but model is a {type(model).__name__}: "
             + hint
         )
-    mine = {canonical_name(n): tuple(p.shape) for n, p in model.named_parameters()}
-    theirs = {canonical_name(n): tuple(p.shape) for n, p in ref_model.named_parameters()}
+    # whole shapes: ZeRO-3 partitions some parameters and keeps others whole
+    mine = {canonical_name(n): global_shape(p) for n, p in model.named_parameters()}
+    theirs = {canonical_name(n): global_shape(p) for n, p in ref_model.named_parameters()}
     if mine != theirs:
         only = sorted(set(mine) ^ set(theirs))
         if only:
@@ -75,10 +76,10 @@ def matching_params(
         q = ref.get(canonical_name(name))
         if q is None:
             raise ValueError(f"ref_model has no parameter {name!r}: the architectures differ")
-        if q.shape != p.shape or q.dtype != p.dtype:
+        if global_shape(q) != global_shape(p) or q.dtype != p.dtype:
             raise ValueError(
-                f"{name}: ref_model has {tuple(q.shape)} {q.dtype}, model has "
-                f"{tuple(p.shape)} {p.dtype}; the two models must match"
+                f"{name}: ref_model has {global_shape(q)} {q.dtype}, model has "
+                f"{global_shape(p)} {p.dtype}; the two models must match"
             )
         q_local, p_local = local_tensor(q), local_tensor(p)
         shared = q_local.numel() > 0 and q_local.data_ptr() == p_local.data_ptr()

@@ -17,12 +17,12 @@ from typing import Any
 
 from torch import nn
 
+from mdgd_kernels import ALPHA_BY, MODES, NONFINITE
+
 from .families import PROJECTOR_SUFFIXES, config_modules, trainable_modules
 
-MODES = ("mdgd", "gm", "ft")
-ALPHA_BY = ("elements", "segments")
-NONFINITE = ("raise", "skip")
-DISTRIBUTED = ("auto", "none", "dp", "fsdp")
+# the strategies of mdgd.distributed (which checks that it has one per name) and "auto"
+DISTRIBUTED = ("auto", "none", "dp", "fsdp", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,11 @@ class MDGDConfig:
         distributed: multi-process mode (:mod:`mdgd.distributed`): ``"dp"`` (every
             rank all-reduces the four gradient buffers and runs the op),
             ``"fsdp"`` (both models wrapped by FSDP2: sharded weights, gradients
-            and optimizer state), ``"none"`` (one process), or ``"auto"``:
-            ``"fsdp"`` for FSDP2 models, else ``"dp"`` when ``torch.distributed``
-            is initialised with more than one rank, else ``"none"``.
+            and optimizer state), ``"deepspeed"`` (both models DeepSpeed ZeRO-1/2/3
+            engines), ``"none"`` (one process), or ``"auto"``: ``"fsdp"`` for
+            FSDP2 models, ``"deepspeed"`` for DeepSpeed engines, else ``"dp"`` when
+            ``torch.distributed`` is initialised with more than one rank, else
+            ``"none"``.
         dist_timeout_s: seconds a rank waits for a collective of the driver before
             it raises instead of hanging (gloo; under NCCL the process group's
             own timeout applies to the per-step collectives, see the doc).

@@ -27,12 +27,13 @@ Host synchronisation: one per step (all figures, and MDGD-GM's mask, come back
 in one transfer), plus one per micro-batch to check for image tokens only when
 ``input_ids`` already live on an accelerator.
 
-Where the buffers live and how the ranks combine them is the job of one
-gradient-exchange object (:mod:`mdgd.distributed`): ``"none"`` (one process),
-``"dp"`` (what ``"auto"`` picks for unwrapped models under a multi-rank process
-group: the four full buffers are all-reduced before the op) or ``"fsdp"`` (what
-``"auto"`` picks for FSDP2 models: buffers of the local shards, filled by
-FSDP2's reduce-scatter). See ``docs/distributed.md``.
+Where the buffers live, how a backward fills them and how the ranks combine
+them is the job of one gradient-exchange strategy (:mod:`mdgd.distributed`,
+picked from ``MDGDConfig.distributed`` and the models' wrappers); the engine
+calls its methods and never names one. See ``docs/distributed.md``. Where the
+strategy cannot keep the forward's graph for the second backward
+(``retains_graph`` False), the ``h`` backward runs on a second forward of both
+models, with the random state of the first (so dropout draws the same masks).
 
 ``mode="ft"`` costs what plain fine-tuning costs: one forward and one backward
 of theta into the ``g`` buffer, no reference model, no ``h`` buffers, no op;
@@ -44,7 +45,6 @@ step returns, and how they are computed, :mod:`mdgd.figures`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -54,11 +54,10 @@ from torch import nn
 import mdgd_kernels
 
 from .batches import MicroBatch, check_batch, nonfinite_reason, step_figures, to_device
-from .budget import FreezeUnselected, updated_fraction
+from .budget import updated_fraction
 from .checks import check_optimizer, check_same_architecture, matching_params, trainable_params
 from .config import MDGDConfig
-from .distributed import check_micro_batches, make_exchange, resolve_mode
-from .distributed.fsdp import fsdp_collective_failed, raised_by_a_collective
+from .distributed import check_micro_batches, exchange_class, make_exchange, resolve_mode
 from .figures import FIGURES, conflict_per_param, figures_ft, figures_mdgd, selected_per_param
 from .recompute import is_recomputing, recompute_layers
 from .visual import ImageTokenHidden, VisualHook, visual_l1
@@ -74,10 +73,12 @@ class MDGDEngine:
             parameters with theta's trainable names get gradients. Put in eval
             mode; when ``model`` has transformers' activation checkpointing on,
             phi's layers recompute too (:func:`mdgd.recompute.recompute_layers`).
-            May be None for ``mode="ft"``. Wrapped by FSDP2 exactly when
-            ``model`` is (:func:`mdgd.shard_models` wraps both).
+            May be None for ``mode="ft"``. Wrapped exactly as ``model`` is: both by
+            FSDP2 (:func:`mdgd.shard_models`) or both DeepSpeed engines
+            (:func:`mdgd.deepspeed_models`), or neither.
         optimizer: steps theta's trainable parameters (None: use
-            :meth:`compute_direction` and step yourself, as the HF Trainer does).
+            :meth:`compute_direction` and step yourself, as the HF Trainer does;
+            DeepSpeed engines bring their own).
         config: :class:`MDGDConfig`. When ``config.trainable`` is set it is applied
             to both models (``mark_trainable``); otherwise theta's parameters with
             ``requires_grad`` are trained and phi's flags are set to match.
@@ -108,25 +109,29 @@ class MDGDEngine:
         self.ref_model = ref_model if cfg.mode != "ft" else None
         if cfg.mode != "ft" and ref_model is None:
             raise ValueError(f"mode={cfg.mode!r} needs ref_model (the frozen pre-trained model)")
-        self.dist_mode = resolve_mode(cfg.distributed, model, self.ref_model)
+        self.distributed = resolve_mode(cfg.distributed, model, self.ref_model)
+        strategy = exchange_class(self.distributed)
+        # what the engine names and inspects (a DeepSpeed engine's module); self.model runs
+        self.module, self.ref_module = strategy.unwrapped(model, self.ref_model, cfg)
         self.optimizer = optimizer
         self.visual = visual if visual is not None else ImageTokenHidden()
         self.scaler = scaler
         self.lr_scheduler = lr_scheduler
         self.step_count = 0
 
-        if self.ref_model is not None:
-            check_same_architecture(model, self.ref_model)
-        named = trainable_params(model, self.ref_model, cfg.trainable)
+        module, ref_module = self.module, self.ref_module
+        if ref_module is not None:
+            check_same_architecture(module, ref_module)
+        named = trainable_params(module, ref_module, cfg.trainable)
         names = [n for n, _ in named]
         phi_params = None
         if cfg.mode != "ft":
-            phi_params = matching_params(model, ref_model, named)
+            phi_params = matching_params(module, ref_module, named)
             ref_model.eval()
-            if is_recomputing(model):  # phi in eval() would keep all its activations
-                recompute_layers(ref_model)
+            if is_recomputing(module):  # phi in eval() would keep all its activations
+                recompute_layers(ref_module)
         self.exchange = make_exchange(
-            self.dist_mode,
+            strategy,
             cfg,
             names,
             [p for _, p in named],
@@ -136,7 +141,7 @@ class MDGDEngine:
         )
         if scaler is not None and not self.exchange.supports_scaler:
             raise ValueError(
-                f"a GradScaler is not supported in distributed={self.dist_mode!r} mode (its "
+                f"a GradScaler is not supported in distributed={self.distributed!r} mode (its "
                 "overflow check would see only this rank's shard): train in bf16 instead"
             )
         self.theta, self.phi = self.exchange.theta, self.exchange.phi
@@ -151,9 +156,9 @@ class MDGDEngine:
         self._world = self.exchange.world
         if optimizer is not None:
             check_optimizer(optimizer, self.ref_model, self.theta.names, self.theta.params)
-        self.freeze = FreezeUnselected.for_engine(self)
-        # whole parameters (a DTensor counts its global elements), for updated_fraction
-        self._param_sizes = torch.tensor([p.numel() for p in self.theta.params], device=self.device)
+        self.freeze = self.exchange.freezer(self)
+        # whole parameters (global elements on every strategy), for updated_fraction
+        self._param_sizes = torch.tensor(self.exchange.numels, device=self.device)
         if self.freeze is not None and optimizer is not None:
             self.freeze.attach(optimizer)
 
@@ -198,10 +203,10 @@ class MDGDEngine:
             )
         check_batch(batch)
         if self.config.mode != "ft":
-            self.visual.check(self.model, batch)
+            self.visual.check(self.module, batch)
         batch = to_device(batch, self.device)
-        self.exchange.check_micro_batch(self.visual, self.model, batch)
-        self._mb = mb = MicroBatch.of(self.visual, self.model, batch, self.config.mode)
+        self.exchange.check_micro_batch(self.visual, self.module, batch)
+        self._mb = mb = MicroBatch.of(self.visual, self.module, batch, self.config.mode)
         if self._micro == 0:
             self.theta.zero_()
             if self.phi is not None:
@@ -214,8 +219,9 @@ class MDGDEngine:
         except BaseException as e:
             self._reset()  # the partial accumulation is discarded
             self.exchange.discard()
-            if self.dist_mode == "fsdp" and raised_by_a_collective(e):
-                raise fsdp_collective_failed(e, self.config.dist_timeout_s) from e
+            clearer = self.exchange.collective_error(e)
+            if clearer is not None:
+                raise clearer from e
             raise
         self._counts += mb.counts(self.device)
         self._micro += 1
@@ -224,44 +230,67 @@ class MDGDEngine:
     def _backward_ft(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
         mb = self._mb
         loss = mb.task_loss(self.model(**batch), "model")
-        self.theta.point("g")
-        self.exchange.before_backward("g", last)
+        ex = self.exchange
+        ex.point("g")
+        ex.before_backward("g", last)
         if mb.check_loss_path(loss, self.theta.names):
-            self._scaled(loss).backward()
-        self.exchange.after_backward("g", last)
+            ex.backward("g", (loss,), False, self._scaled)
+        ex.after_backward("g", last)
         loss = loss.detach()
         self._loss_sums[0] += loss
         return loss
 
     def _backward_mdgd(self, batch: dict[str, Any], last: bool) -> torch.Tensor:
-        mb = self._mb
-        kw = self.visual.forward_kwargs if not mb.text_only else {}
-        out_t = self.model(**batch, **kw)
-        out_p = self.ref_model(**batch, **kw)
+        mb, ex = self._mb, self.exchange
+        # one forward serves both backward calls unless the strategy frees its graph
+        once = ex.retains_graph or mb.text_only
+        rng = _rng_state(self.device) if not once else None
+        out_t, out_p = self._forward(batch, visual=once and not mb.text_only)
         loss_t, loss_p = mb.task_loss(out_t, "model"), mb.task_loss(out_p, "ref_model")
-        if mb.text_only:  # L_v = 0: no graph, so no h backward below
-            loss_v = torch.zeros((), device=loss_t.device)
-        else:
-            z_t, mask = self.visual(self.model, batch, out_t)
-            z_p, _ = self.visual(self.ref_model, batch, out_p)
-            loss_v = self.config.visual_weight * visual_l1(z_p, z_t, mask)
+        losses_v = self._visual_losses(batch, out_t, out_p) if once else None
         del out_t, out_p  # the logits are only needed through the graph
 
-        self.theta.point("g")
-        self.phi.point("g")
-        self.exchange.before_backward("g", last)
+        ex.point("g")
+        ex.before_backward("g", last)
         if mb.check_loss_path(loss_t + loss_p, self.theta.names):
-            self._scaled(loss_t + loss_p).backward(retain_graph=loss_v.requires_grad)
-        self.exchange.after_backward("g", last)  # dp: overlaps the h backward
-        if loss_v.requires_grad:  # False when text-only or no trainable parameter feeds pi(X^v)
-            self.theta.point("h")
-            self.phi.point("h")
-            self.exchange.before_backward("h", last)
-            self._scaled(loss_v).backward()
-        self.exchange.after_backward("h", last)
-        losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v.detach()])
+            task = (loss_t, loss_p) if ex.separate_losses else (loss_t + loss_p,)
+            retain = losses_v is not None and losses_v[0].requires_grad
+            ex.backward("g", task, retain, self._scaled)
+        ex.after_backward("g", last)  # dp: overlaps the h backward
+        if losses_v is None:  # the second forward, drawing the first one's random numbers
+            with torch.random.fork_rng(devices=rng[1]):
+                _set_rng_state(rng)
+                out_t, out_p = self._forward(batch, visual=True)
+            losses_v = self._visual_losses(batch, out_t, out_p)
+            del out_t, out_p
+        loss_v = losses_v[0].detach()
+        # False when text-only or when no trainable parameter feeds pi(X^v)
+        if losses_v[0].requires_grad:
+            ex.point("h")
+            ex.before_backward("h", last)
+            ex.backward("h", losses_v, False, self._scaled)
+        ex.after_backward("h", last)
+        losses = torch.stack([loss_t.detach(), loss_p.detach(), loss_v])
         self._loss_sums += losses.float()
         return losses[0]
+
+    def _forward(self, batch: dict[str, Any], visual: bool) -> tuple[Any, Any]:
+        """Both models' outputs; with what the visual hook needs when ``visual``."""
+        kw = self.visual.forward_kwargs if visual else {}
+        return self.model(**batch, **kw), self.ref_model(**batch, **kw)
+
+    def _visual_losses(self, batch: dict[str, Any], out_t: Any, out_p: Any) -> tuple:
+        """``L_v`` (text-only: 0 with no graph), or under :attr:`separate_losses` one copy
+        per model, the other model's side detached: the same value, and each model's
+        gradient of it is that model's gradient of ``L_v``."""
+        if self._mb.text_only:
+            return (torch.zeros((), device=self.device),)
+        z_t, mask = self.visual(self.module, batch, out_t)
+        z_p, _ = self.visual(self.ref_module, batch, out_p)
+        w = self.config.visual_weight
+        if not self.exchange.separate_losses:
+            return (w * visual_l1(z_p, z_t, mask),)
+        return (w * visual_l1(z_p.detach(), z_t, mask), w * visual_l1(z_p, z_t.detach(), mask))
 
     # ------------------------------------------------------------------ the step
 
@@ -304,7 +333,7 @@ class MDGDEngine:
         skipped = out["skipped"] != 0.0
         if skipped and self.scaler is None and cfg.nonfinite == "raise":
             self._raise_nonfinite(out)
-        self._assign_direction(skipped, values[len(FIGURES) :])
+        self.exchange.assign_direction(skipped, values[len(FIGURES) :], self.scaler is not None)
         if self.freeze is not None:
             self.freeze.select(self.last_result.mask, values[len(FIGURES) :], skipped)
         self.last_figures = out
@@ -329,39 +358,27 @@ class MDGDEngine:
         return figs, selected_per_param(res, self._owner, num_params)
 
     def _raise_nonfinite(self, figures: dict[str, float]) -> None:
-        for fg in (self.theta, self.phi):
-            if fg is not None:
-                fg.detach_grads()
+        self.exchange.release_grads()
         where = nonfinite_reason(figures, self.last_result, self.segments.names)
         raise FloatingPointError(
             f"{where} at step {self.step_count}; no parameter was updated. "
             "Pass MDGDConfig(nonfinite='skip') to skip such steps instead."
         )
 
-    def _assign_direction(self, skipped: bool, selected: list[float]) -> None:
-        if self.phi is not None:
-            self.phi.detach_grads()
-        if skipped and self.scaler is None:
-            self.theta.detach_grads()
-            return
-        self.theta.point("g")
-        if skipped:  # let the GradScaler see the overflow, skip the step and back off
-            self.theta.buffers["g"][:1].fill_(math.inf)
-            return
-        for p, keep in zip(self.theta.params, selected):
-            if not keep:
-                p.grad = None
-
     def step(self, batch: Mapping[str, Any] | None = None) -> dict[str, float]:
         """One optimizer step of Algorithm 1 (``backward(batch)`` first when a batch is given).
 
         Returns the figures named in :data:`FIGURES`.
         """
-        if self.optimizer is None:
+        owned = self.exchange.owns_optimizer_step
+        if self.optimizer is None and not owned:
             raise RuntimeError("this engine has no optimizer: use compute_direction() and step it")
         if batch is not None:
             self.backward(batch, last=True)
         figures = self.compute_direction()
+        if owned:  # the wrapper clips (its own setting), steps and schedules
+            self.exchange.optimizer_step(bool(figures["skipped"]))
+            return figures
         if self.config.max_grad_norm is not None and not figures["skipped"]:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)  # clip the unscaled direction
@@ -397,5 +414,18 @@ class MDGDEngine:
         load_checkpoint(self, path)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip the direction's global norm (over all ranks under FSDP2); returns it."""
+        """Clip the direction's global norm (over all ranks when sharded); returns it."""
         return self.exchange.clip_grad_norm_(max_norm)
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, list, list]:
+    """The CPU and ``device``'s random states, for a forward to be replayed."""
+    devices = [device] if device.type == "cuda" else []
+    return torch.get_rng_state(), devices, [torch.cuda.get_rng_state(d) for d in devices]
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list, list]) -> None:
+    cpu, devices, states = state
+    torch.set_rng_state(cpu)
+    for d, st in zip(devices, states):
+        torch.cuda.set_rng_state(st, d)

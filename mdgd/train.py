@@ -33,10 +33,12 @@ from typing import Any
 
 import torch
 
+import mdgd_kernels
+
 from .config import MDGDConfig, llava_trainable_patterns, mark_trainable
 from .data import Collator, DataError, LlavaDataset, image_files
 
-MODES = ("mdgd", "gm", "ft", "lora")
+MODES = (*mdgd_kernels.MODES, "lora")  # the op's modes, and peft LoRA
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # vision-language families whose image tokens carry no visual representation
 UNSUPPORTED = {"mllama": "it attends to the image through cross-attention layers"}

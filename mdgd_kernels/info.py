@@ -155,6 +155,10 @@ def collect() -> dict[str, str]:
         "torch": str(torch.__version__),
         "CUDA": _cuda(),
         "Triton": _triton(),
+        # the training stack, from the installed metadata (nothing is imported)
+        "transformers, accelerate, deepspeed": ", ".join(
+            _version(d) or "not installed" for d in ("transformers", "accelerate", "deepspeed")
+        ),
         **_extension(),
         "backends on cpu": _backends("cpu"),
         "backends on cuda": _backends("cuda") if torch.cuda.is_available() else "no GPU visible",

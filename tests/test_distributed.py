@@ -38,7 +38,7 @@ from step_check import assert_step_matches, reference_step
 from tolerances import prefixed
 
 from mdgd import FIGURES, MDGDConfig, MDGDEngine, mark_trainable, shard_models
-from mdgd.distributed.fsdp import local_pieces
+from mdgd.distributed.shards import local_pieces
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -355,7 +355,7 @@ def one_rank_group():
 def one_rank_run(dmode: str) -> torch.Tensor:
     """2 steps of 2 micro-batches (MDGD-GM, AdamW); the final trainable parameters."""
     theta, engine = build(dmode, mode="gm", alpha=0.3)
-    assert engine.dist_mode == {"auto": "none"}.get(dmode, dmode)
+    assert engine.distributed == {"auto": "none"}.get(dmode, dmode)
     for step in range(2):
         engine.backward(batch_for(theta.config, 0, step))
         engine.step(batch_for(theta.config, 1, step))

@@ -31,6 +31,7 @@ FIELDS = (
     "torch",
     "CUDA",
     "Triton",
+    "transformers, accelerate, deepspeed",
     "CPU kernels",
     "CUDA kernels",
     "built against torch",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,20 +30,66 @@ _PER_RANK_SETTINGS = ("distributed", "dist_timeout_s", "dist_bucket_mb", "backen
 
 def is_fsdp(model: nn.Module | None) -> bool:
     """True for a module wrapped by FSDP2's ``fully_shard``."""
-    return model is not None and any(c.__name__ == "FSDPModule" for c in type(model).__mro__)
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def is_deepspeed(model: nn.Module | None) -> bool:
+    """True for a ``deepspeed.DeepSpeedEngine`` (checked only once deepspeed is imported:
+    a model cannot be one before, and mdgd never imports deepspeed on its own)."""
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
+
+
+def unwrap(model: nn.Module | None) -> nn.Module | None:
+    """The user's module inside a DeepSpeed engine (whose parameter names gain a
+    ``module.`` prefix); ``model`` itself otherwise (FSDP2 keeps the module)."""
+    return model.module if is_deepspeed(model) else model
+
+
+def global_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape: ZeRO-3 empties ``p.data`` and records it in ``ds_shape``
+    (a DTensor's shape is already the global one)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
+
+
+def global_numel(p: torch.Tensor) -> int:
+    return math.prod(global_shape(p))
+
+
+def _wrapper(model: nn.Module) -> str | None:
+    return "FSDP2" if is_fsdp(model) else "DeepSpeed" if is_deepspeed(model) else None
 
 
 def resolve_mode(requested: str, model: nn.Module, ref_model: nn.Module | None) -> str:
-    """``"none"``, ``"dp"`` or ``"fsdp"`` for ``MDGDConfig.distributed`` and the two models."""
+    """The strategy name for ``MDGDConfig.distributed`` and the two models."""
     reject_wrapped(model, "model")
     if ref_model is not None:
         reject_wrapped(ref_model, "ref_model")
-        if is_fsdp(model) != is_fsdp(ref_model):
-            one, other = ("model", "ref_model") if is_fsdp(model) else ("ref_model", "model")
+        if _wrapper(model) != _wrapper(ref_model):
+            one, other = ("model", "ref_model") if _wrapper(model) else ("ref_model", "model")
+            wrapper = _wrapper(model) or _wrapper(ref_model)
+            how = {
+                "FSDP2": ("FSDP2 (fully_shard)", "mdgd.shard_models(model, ref_model)"),
+                "DeepSpeed": ("DeepSpeed", "mdgd.deepspeed_models(model, ref_model, ds_config)"),
+            }[wrapper]
             raise ValueError(
-                f"{one} is wrapped by FSDP2 (fully_shard) but {other} is not: wrap both the "
-                "same way, e.g. with mdgd.shard_models(model, ref_model)"
+                f"{one} is wrapped by {how[0]} but {other} is not: wrap both the same way, "
+                f"e.g. with {how[1]}"
             )
+    if is_deepspeed(model):
+        if requested not in ("auto", "deepspeed"):
+            raise ValueError(
+                f"the models are DeepSpeed engines but distributed={requested!r}: use "
+                "distributed='deepspeed' (or 'auto'), or pass unwrapped models"
+            )
+        return "deepspeed"
+    if requested == "deepspeed":
+        raise ValueError(
+            "distributed='deepspeed' needs DeepSpeed engines of both models: build them with "
+            "mdgd.deepspeed_models(model, ref_model, ds_config) (docs/distributed.md)"
+        )
     sharded = is_fsdp(model)
     if requested == "auto":
         if sharded:
@@ -177,6 +224,41 @@ class Collectives:
                         f"rank {r}: {n1} tensors, {e1:,} elements, {s1} segments). Every rank "
                         "must build the same model, trainable patterns and MDGDConfig"
                     )
+
+
+def raised_by_a_collective(e: BaseException) -> bool:
+    """Whether ``e`` came out of a torch.distributed collective (its innermost frame)."""
+    if not isinstance(e, RuntimeError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py")
+
+
+def check_same_modality(
+    comm: Collectives, visual: Any, model: nn.Module, batch: Any, device: Any, who: str
+) -> None:
+    """Raise the same ValueError on every rank unless the ranks' micro-batches are all
+    text-only or all have images (one tiny all-reduce).
+
+    Under a strategy whose forward and backward run collectives per module
+    (``who``: FSDP2, DeepSpeed ZeRO), a text-only micro-batch skips the vision
+    tower, the projector and the ``h`` backward, so the ranks would issue
+    different collectives and hang.
+    """
+    from ..batches import is_text_only
+
+    flag = torch.tensor([float(is_text_only(visual, model, batch))], device=device)
+    text_only = int(comm.all_reduce(flag, "all-reduce of the text-only flags").item())
+    if 0 < text_only < comm.world:
+        raise ValueError(
+            f"under {who} the ranks' micro-batches must all have images or all be "
+            f"text-only, but {text_only} of {comm.world} ranks have a text-only one: each "
+            f"rank would run other {who} collectives (the vision tower's). Group the "
+            "samples by modality across ranks (LLaVA's group_by_modality_length does), or "
+            "use distributed='dp'"
+        )
 
 
 def check_micro_batches(total: float, n: int, world: int) -> None:

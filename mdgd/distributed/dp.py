@@ -77,6 +77,10 @@ class DataParallelExchange(GradExchange):
         self._broadcast_params()
         self._setup_buckets()
 
+    @classmethod
+    def build(cls, config, names, theta_params, phi_params, models, process_group=None):
+        return cls(config, names, theta_params, phi_params, process_group)
+
     def _broadcast_params(self) -> None:
         """Start every rank from rank 0's trainable parameters (as DDP does)."""
         params = self.theta.params

@@ -11,14 +11,10 @@ in phi is a ``DTensor`` sharded on dim 0 with the same local shape on each rank.
   gradient exists anywhere (FSDP2's own reduce-scatter output is transient).
 * Gradient sync stays on for every backward: FSDP2's no-sync accumulation keeps
   one unsharded ``.grad`` per parameter, which would mix ``g`` and ``h``.
-* The statistics are sums over elements, so each rank runs pass 1 on its local
-  buffers with a *local* segment layout (each segment's pieces inside this
-  rank's shards), adds the pieces into the global ``[S, 10]`` table, and one
-  ``all_reduce`` carries that table together with the loss sums and the
-  micro-batch count. Every rank derives the same coefficients and MDGD-GM mask
-  from it, and pass 2 writes the direction into the local shards.
-* FSDP2 averages over the ranks (its default divide factor), so the direction
-  is scaled by ``1 / micro-batches`` only.
+* The op runs on the local buffers, one all-reduce of the ``[S, 10]``
+  statistics between its passes (:mod:`mdgd.distributed.shards`). FSDP2
+  averages over the ranks (its default divide factor), so the direction is
+  scaled by ``1 / micro-batches`` only.
 
 Every rank must run the same modules in every micro-batch: each FSDP2 unit
 all-gathers in forward and reduce-scatters in backward, both collectives. A
@@ -33,27 +29,32 @@ as :func:`fsdp_collective_failed` says.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-import mdgd_kernels
-from mdgd_kernels.coeffs import coefficients
-
-from ..batches import is_text_only
 from ..buffers import is_dtensor, local_tensor
 from ..config import MDGDConfig
-from .common import Collectives, canonical_name, fingerprint, is_fsdp
-from .exchange import GradExchange
+from .common import (
+    Collectives,
+    canonical_name,
+    check_same_modality,
+    fingerprint,
+    is_fsdp,
+    raised_by_a_collective,
+)
+from .shards import ShardedExchange
 
 
-class FSDPExchange(GradExchange):
+class FSDPExchange(ShardedExchange):
     """Buffers of the local shards of FSDP2 models (module doc)."""
 
     mode = "fsdp"
     supports_scaler = False
+    checkpoint_format = "fsdp-dcp"
 
     def __init__(
         self,
@@ -83,11 +84,26 @@ class FSDPExchange(GradExchange):
         super().__init__(config, names, theta_params, phi_params)
         self.world = self.comm.world
         self.roots = [m for m in models if m is not None]
-        self.local_ranges = ranges = [self._local_range(p) for p in theta_params]
-        numels = [p.numel() for p in theta_params]
-        seg, _, length = local_pieces(self.segments.sizes, numels, ranges)
-        self.seg_of_piece = torch.tensor(seg, dtype=torch.int64, device=self.device)
-        self.local_layout = mdgd_kernels.get_layout(length, self.device) if length else None
+        self.set_local_ranges([self._local_range(p) for p in theta_params])
+
+    @classmethod
+    def build(cls, config, names, theta_params, phi_params, models, process_group=None):
+        return cls(config, names, theta_params, phi_params, models)
+
+    def collective_error(self, e: BaseException) -> Exception | None:
+        if raised_by_a_collective(e):
+            return fsdp_collective_failed(e, self.config.dist_timeout_s)
+        return None
+
+    def save_checkpoint(self, engine: Any, path: Path) -> Path:
+        from .fsdp_checkpoint import save_fsdp
+
+        return save_fsdp(engine, path)
+
+    def load_checkpoint(self, engine: Any, path: Path) -> None:
+        from .fsdp_checkpoint import load_fsdp
+
+        load_fsdp(engine, path)
 
     def _local_range(self, p: torch.Tensor) -> tuple[int, int]:
         """This rank's range ``[lo, hi)`` of ``p``'s flat global elements (Shard(0))."""
@@ -101,17 +117,8 @@ class FSDPExchange(GradExchange):
     # ------------------------------------------------------------------ per micro-batch
 
     def check_micro_batch(self, visual: Any, model: nn.Module, batch: Mapping[str, Any]) -> None:
-        """Text-only on every rank or on none (module doc); one tiny all-reduce."""
-        flag = torch.tensor([float(is_text_only(visual, model, batch))], device=self.device)
-        text_only = int(self.comm.all_reduce(flag, "all-reduce of the text-only flags").item())
-        if 0 < text_only < self.world:
-            raise ValueError(
-                f"under FSDP2 the ranks' micro-batches must all have images or all be "
-                f"text-only, but {text_only} of {self.world} ranks have a text-only one: each "
-                "rank would run other FSDP2 collectives (the vision tower's). Group the "
-                "samples by modality across ranks (LLaVA's group_by_modality_length does), or "
-                "use distributed='dp'"
-            )
+        """Text-only on every rank or on none (module doc)."""
+        check_same_modality(self.comm, visual, model, batch, self.device, "FSDP2")
 
     def before_backward(self, kind: str, last: bool) -> None:
         """Every backward reduce-scatters: FSDP2's no-sync would mix g and h."""
@@ -119,52 +126,6 @@ class FSDPExchange(GradExchange):
             m.set_requires_gradient_sync(True)
 
     # ------------------------------------------------------------------ the step
-
-    def direction(
-        self, loss_sums: torch.Tensor, n: int
-    ) -> tuple[mdgd_kernels.MDGDResult | None, torch.Tensor]:
-        cfg = self.config
-        small = self.reduce(loss_sums, n)
-        mdgd = cfg.mode != "ft"
-        rows = self.layout.num_segments if mdgd else 0
-        stats = torch.zeros(rows, 10, dtype=torch.float32, device=self.device)
-        bufs = [self.theta.buffers["g"]]
-        if mdgd:
-            bufs += [self.theta.buffers["h"], self.phi.buffers["g"], self.phi.buffers["h"]]
-            if self.local_layout is not None:
-                local = mdgd_kernels.segment_gram(*bufs, self.local_layout, backend=cfg.backend)
-                stats.index_add_(0, self.seg_of_piece, local)
-        packed = self.comm.all_reduce(
-            torch.cat([stats.flatten(), small]), "all-reduce of the statistics and losses"
-        )
-        stats, totals = packed[: rows * 10].view(rows, 10), packed[rows * 10 :]
-        scale = 1.0 / n  # FSDP2's reduce-scatter already averaged over the ranks
-        if not mdgd:
-            if scale != 1.0:
-                bufs[0].mul_(scale)
-            return None, totals
-        coef = coefficients(
-            stats,
-            self.layout.sizes_t,
-            **cfg.op_kwargs(),
-            masked=self.masked,
-            scale=scale,
-        )
-        if self.local_layout is not None:
-            mdgd_kernels.segment_combine_(
-                *bufs, self.local_layout, coef.coeffs[self.seg_of_piece], backend=cfg.backend
-            )
-        return mdgd_kernels.MDGDResult.of(coef, stats), totals
-
-
-def raised_by_a_collective(e: BaseException) -> bool:
-    """Whether ``e`` came out of a torch.distributed collective (its innermost frame)."""
-    if not isinstance(e, RuntimeError):
-        return False
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_code.co_filename.endswith("distributed_c10d.py")
 
 
 def fsdp_collective_failed(e: Exception, timeout_s: float) -> RuntimeError:
@@ -177,46 +138,6 @@ def fsdp_collective_failed(e: Exception, timeout_s: float) -> RuntimeError:
         f"({timeout_s:g} s). Another rank failed or did not reach the same step: check the "
         "other ranks' logs"
     )
-
-
-def local_pieces(
-    sizes: Sequence[int], numels: Sequence[int], ranges: Sequence[tuple[int, int]]
-) -> tuple[list[int], list[int], list[int]]:
-    """The non-empty parts of the segments ``sizes`` that lie in this rank's shards.
-
-    The parameters (``numels`` elements each) lie one after another in the flat
-    space that ``sizes`` cuts; ``ranges[i]`` is this rank's ``[lo, hi)`` of
-    parameter ``i``'s flat elements.
-    Returns (segment index, start in the local buffer, length) lists, in local
-    buffer order, covering the local buffer exactly. One sweep over segments and
-    parameters together.
-    """
-    idx: list[int] = []
-    start: list[int] = []
-    length: list[int] = []
-    seg_iter = _segment_spans(sizes)
-    s, a, b = next(seg_iter, (0, 0, 0))
-    param_start = local = 0
-    for (lo, hi), numel in zip(ranges, numels):
-        x, y = param_start + lo, param_start + hi
-        while x < y:
-            while b <= x:
-                s, a, b = next(seg_iter)
-            end = min(b, y)
-            idx.append(s)
-            start.append(local)
-            length.append(end - x)
-            local += end - x
-            x = end
-        param_start += numel
-    return idx, start, length
-
-
-def _segment_spans(sizes: Sequence[int]) -> Iterator[tuple[int, int, int]]:
-    a = 0
-    for s, n in enumerate(sizes):
-        yield s, a, a + n
-        a += n
 
 
 def wrapping_difference(

@@ -54,7 +54,17 @@ and checkpointing see the direction as if it were the gradient.
 * FSDP2 through accelerate's plugin (``fsdp_version: 2``): accelerate wraps theta
   in ``prepare``; the engine is then built at the first training step and phi is
   wrapped the way theta was (:func:`mdgd.distributed.shard.shard_like`).
-  DeepSpeed is refused. See ``docs/distributed.md``.
+* DeepSpeed ZeRO-1/2/3 (``TrainingArguments(deepspeed=...)``, e.g. LLaVA's own
+  ``zero3.json``): accelerate builds theta's engine in ``prepare``; phi gets an
+  engine of the same config at the first training step, and the Trainer steps
+  theta's engine once per optimizer step, after the direction is written into
+  ZeRO's partitions. DeepSpeed clips (its ``gradient_clipping``) and saves and
+  resumes the engine in the Trainer's checkpoints.
+* Checkpoints also hold ``mdgd_state.json``: the engine's step count and the
+  figures not yet logged, which resuming restores.
+
+Each setup is a strategy of :mod:`mdgd.distributed.trainer`; this class calls
+it and names none. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -69,16 +79,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer
 
-from ..checkpoint import load_sharded, save_sharded
 from ..config import MDGDConfig, mark_trainable
-from ..distributed import is_fsdp, shard_like, shard_models
+from ..distributed.trainer import prepare_models, trainer_strategy
 from ..engine import FIGURES, MDGDEngine
 from ..visual import VisualHook
 
 CONFIG_NAME = "mdgd_config.json"
 TRAINABLE_NAME = "mdgd_trainable.safetensors"
-SHARDED_DIR = "mdgd_fsdp"
-SCHEDULER_NAME = "scheduler.pt"
+STATE_NAME = "mdgd_state.json"
 
 
 class MDGDTrainer(Trainer):
@@ -110,58 +118,36 @@ class MDGDTrainer(Trainer):
             mark_trainable(model, self.mdgd_config.trainable)  # before the optimizer is built
         if self.mdgd_config.mode == "ft":
             ref_model = None
-        if self.mdgd_config.distributed == "fsdp" and not is_fsdp(model):
-            training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-            device = training_args.device  # sets up the process group, as the Trainer would
-            shard_models(model.to(device), ref_model.to(device) if ref_model else None)
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        prepare_models(self.mdgd_config, model, ref_model, training_args)
         super().__init__(*args, **kwargs)
         if self.mdgd_config.max_grad_norm is not None:  # the Trainer clips the direction
             self.args.max_grad_norm = self.mdgd_config.max_grad_norm
-        if self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "MDGDTrainer does not support DeepSpeed: ZeRO keeps the gradients in its own "
-                "partitioned buffers, which MDGD's two backward calls bypass. Shard with FSDP2 "
-                "instead: MDGDConfig(distributed='fsdp'), or accelerate's FSDP plugin with "
-                "fsdp_version: 2 (docs/distributed.md)"
-            )
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        if self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) != 2:
-            raise NotImplementedError(
-                "MDGDTrainer supports accelerate's FSDP plugin with fsdp_version: 2 only (FSDP1 "
-                "keeps the gradients in flat buffers of its own)"
-            )
+        self.strategy = trainer_strategy(self)
         if ref_model is not None:
             ref_model.to(self.args.device)
         self._ref_model, self._visual = ref_model, visual
+        self._resumed: dict[str, Any] | None = None
         self.engine: MDGDEngine | None = None
-        if not self.is_fsdp_enabled:  # accelerate's FSDP2 wraps theta in prepare(): wait
-            self.engine = self._build_engine()
-            if self.engine.dist_mode != "none":
-                self._keep_model_unwrapped()
+        if self.strategy.build_at_init:
+            self._build_engine()
         self._mdgd_logs: list[dict[str, float]] = []
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
         if self.engine is not None:  # else _build_engine attaches it
-            self._attach_freeze(optimizer)
+            self.strategy.attach_freeze(self.engine, optimizer)
         return optimizer
 
-    def _attach_freeze(self, optimizer: torch.optim.Optimizer | None) -> None:
-        if self.engine.freeze is not None and optimizer is not None:
-            self.engine.freeze.attach(_inner(optimizer))  # MDGD-GM "block:K": keep unselected
-
-    def _build_engine(self) -> MDGDEngine:
-        ref_model = self._ref_model
-        if ref_model is not None and is_fsdp(self.model) and not is_fsdp(ref_model):
-            shard_like(ref_model, self.model)  # accelerate's plugin wrapped theta only
+    def _build_engine(self) -> None:
+        model, ref_model = self.strategy.engine_models(self._ref_model)
         scaler = getattr(self.accelerator, "scaler", None)  # fp16 only
-        return MDGDEngine(
-            self.model, ref_model, None, self.mdgd_config, visual=self._visual, scaler=scaler
+        self.engine = MDGDEngine(
+            model, ref_model, None, self.mdgd_config, visual=self._visual, scaler=scaler
         )
-
-    @property
-    def _sharded(self) -> bool:
-        return is_fsdp(self.model)
+        self.strategy.engine_built(self.engine)
+        if self._resumed is not None:
+            self._restore_engine_state(self._resumed)
 
     def training_step(
         self,
@@ -174,34 +160,16 @@ class MDGDTrainer(Trainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         if self.engine is None:
-            self.engine = self._build_engine()
-            self._attach_freeze(self.optimizer)
+            self._build_engine()
+            self.strategy.attach_freeze(self.engine, self.optimizer)
         last = self.accelerator.sync_gradients
         with self.compute_loss_context_manager(), self.accelerator.autocast():
             loss = self.engine.backward(inputs, last=last)
         if last:
-            self._mdgd_logs.append(self.engine.compute_direction())
+            figures = self.engine.compute_direction()
+            self._mdgd_logs.append(figures)
+            self.strategy.after_direction(self.engine, figures)
         return loss / self.current_gradient_accumulation_steps
-
-    def _keep_model_unwrapped(self) -> None:
-        """Have accelerate place and autocast the model but not wrap it in DDP.
-
-        The engine reduces the four gradient buffers itself; a DDP wrapper would
-        register its own hooks and allocate a second copy of the gradients.
-        ``prepare_model(evaluation_mode=True)`` skips exactly the wrapping.
-        """
-        accelerator = self.accelerator
-        prepare_model = accelerator.prepare_model
-        model = self.model
-
-        def prepare_unwrapped(m, device_placement=None, evaluation_mode=False):
-            if m is model:
-                evaluation_mode = True
-            return prepare_model(
-                m, device_placement=device_placement, evaluation_mode=evaluation_mode
-            )
-
-        accelerator.prepare_model = prepare_unwrapped
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._mdgd_logs and "loss" in logs:
@@ -215,10 +183,30 @@ class MDGDTrainer(Trainer):
             self._mdgd_logs.clear()
         super().log(logs, start_time)
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save and self.engine is not None:
+            folder = os.path.join(self._get_output_dir(trial), self._checkpoint_folder())
+            state = {"step_count": self.engine.step_count, "pending_logs": self._mdgd_logs}
+            with open(os.path.join(folder, STATE_NAME), "w") as f:
+                json.dump(state, f)
+
+    def _checkpoint_folder(self) -> str:
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        return f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+
+    def _restore_engine_state(self, state: dict[str, Any]) -> None:
+        self.engine.step_count = state["step_count"]
+        self._mdgd_logs = list(state["pending_logs"])
+        self._resumed = None
+
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
-        if self._sharded:  # sharded parameters: loaded with the optimizer (mdgd_fsdp/)
+        if self.strategy.loads_parameters_with_optimizer():
             return None
         path = os.path.join(resume_from_checkpoint, TRAINABLE_NAME)
         if not os.path.isfile(path):
@@ -251,34 +239,21 @@ class MDGDTrainer(Trainer):
             return self.engine.param_names
         return [n for n, p in self.model.named_parameters() if p.requires_grad]
 
-    # ------------------------------------------------------------------ FSDP2 checkpoints
-
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Under FSDP2 every rank gathers the full state dict and rank 0 writes it."""
-        if not self._sharded or self.is_fsdp_enabled:
-            return super().save_model(output_dir, _internal_call)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state_dict = get_model_state_dict(self.model, options=options)
-        if self.args.should_save:
-            self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict)
+        if not self.strategy.save_model(output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self._sharded:
-            return super()._save_optimizer_and_scheduler(output_dir)
-        save_sharded(self.model, _inner(self.optimizer), os.path.join(output_dir, SHARDED_DIR))
-        if self.args.should_save:
-            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        if not self.strategy.save_optimizer_and_scheduler(output_dir):
+            super()._save_optimizer_and_scheduler(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None or not self._sharded:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        load_sharded(self.model, _inner(self.optimizer), os.path.join(checkpoint, SHARDED_DIR))
-        state = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
-        self.lr_scheduler.load_state_dict(state)
-
-
-def _inner(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``."""
-    return getattr(optimizer, "optimizer", optimizer)
+        if checkpoint is not None:
+            state_file = os.path.join(checkpoint, STATE_NAME)
+            if os.path.isfile(state_file):
+                with open(state_file) as f:
+                    self._resumed = json.load(f)
+                if self.engine is not None:
+                    self._restore_engine_state(self._resumed)
+        if checkpoint is None or not self.strategy.load_optimizer_and_scheduler(checkpoint):
+            super()._load_optimizer_and_scheduler(checkpoint)

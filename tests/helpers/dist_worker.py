@@ -418,7 +418,7 @@ def scenario_fsdp_bad(rank: int, world: int, out: str) -> None:
     msgs["mixed_text_only"] = expect_value_error(lambda: good.backward(mixed))
     good.backward(batch_for(good.model.config, rank, 0), last=True)
     good.compute_direction()
-    msgs["good_mode"] = good.dist_mode
+    msgs["good_mode"] = good.distributed
     with open(os.path.join(out, f"fsdp_bad-{rank}.json"), "w") as f:
         json.dump(msgs, f)
     torch.save(run_plugin_wrapped(rank), os.path.join(out, f"plugin-{rank}.pt"))
@@ -461,7 +461,7 @@ def run_plugin_wrapped(rank: int):
         figures.append(engine.step(batch_for(theta.config, rank, step, text_only=FSDP_TEXT_ONLY)))
         states.append(capture(engine, theta))
     units = [n for n, m in theta.named_modules() if type(m).__name__.startswith("FSDP")]
-    return states, figures, engine.dist_mode, units
+    return states, figures, engine.distributed, units
 
 
 def scenario_fsdp_ckpt(rank: int, world: int, out: str) -> None:
@@ -567,7 +567,7 @@ def scenario_trainer(rank: int, world: int, out: str) -> None:
             "params": flat,
             "start": start_flat,
             "logs": trainer.state.log_history,
-            "dist_mode": engine.dist_mode,
+            "dist_mode": engine.distributed,
             "wrapped": type(trainer.model_wrapped).__name__,
             "ref_unchanged": ref_same,
         },
@@ -595,7 +595,7 @@ def scenario_trainer_fsdp(rank: int, world: int, out: str) -> None:
         trainer.train(resume_from_checkpoint=resume)
         logs = [h for h in trainer.state.log_history if "loss" in h]
         flat = full_flat(theta, trainer.engine.param_names)
-        return {"logs": logs, "params": flat, "mode": trainer.engine.dist_mode}
+        return {"logs": logs, "params": flat, "mode": trainer.engine.distributed}
 
     result = {"dp": train("dp", "dp"), "fsdp": train("fsdp", "fsdp")}
     result["resumed"] = train("fsdp", "resumed", os.path.join(out, "fsdp", "checkpoint-2"))

@@ -126,7 +126,16 @@ def _direction(engine) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def reference_step(engine, batches, state: dict, *, world: int, micro: int, pieces: int) -> dict:
+def reference_step(
+    engine,
+    batches,
+    state: dict,
+    *,
+    world: int,
+    micro: int,
+    pieces: int,
+    grad_diff: torch.Tensor | None = None,
+) -> dict:
     """One step of the one-process ``engine`` from ``state`` on ``batches`` (the ranks'
     micro-batches, in rank order), with what the bound needs.
 
@@ -134,6 +143,12 @@ def reference_step(engine, batches, state: dict, *, world: int, micro: int, piec
     (its accumulation order); ``pieces`` is the number of partial sums each segment's
     statistics are added from there (the ranks under FSDP2, 1 when every rank computes
     them from whole buffers).
+
+    ``grad_diff`` (``[4, N]``, gt ht gp hp): where the run computes each micro-batch's
+    gradient by other arithmetic than this one-process backward (DeepSpeed ZeRO-3's
+    hooks), the measured ``sum_m |x_m - x'_m|`` of the run's own gradients against
+    plain torch's on the same parameters; it enters the bound as a buffer difference
+    (every formula below takes ``roundings * u * terms`` as the buffers' difference).
     """
     load(engine, engine.model, state)
     terms = None
@@ -144,6 +159,8 @@ def reference_step(engine, batches, state: dict, *, world: int, micro: int, piec
         delta = torch.stack([a - b for a, b in zip(after, before)] if before else after).abs()
         terms = delta if terms is None else terms + delta
     sums = torch.stack(_buffers(engine)).double()
+    if grad_diff is not None:
+        terms = terms + grad_diff.double() / (accumulation_roundings(world, micro) * U32)
     seen = {}
 
     def record(*_) -> None:

@@ -1,0 +1,166 @@
+"""MDGD on DeepSpeed ZeRO-2 and ZeRO-3: 2 gloo ranks on CPU (``DS_ACCELERATOR=cpu``)
+against one process on the union of the ranks' micro-batches.
+
+One launch of ``tests/helpers/ds_worker.py`` runs every case of its ``CASES`` on
+DeepSpeed engines (:func:`mdgd.deepspeed_models`) and records the state before
+every step (the fp32 parameters and the optimizer's moments, gathered through
+DeepSpeed's public API); the one-process reference runs each step from that
+state, and the run's next state must match it within the bound that
+tests/helpers/tolerances.py derives from float32 arithmetic (as the FSDP2 tests).
+
+DeepSpeed's first initialisation in a fresh environment JIT-compiles its
+shared-memory op (about 150 s on 2 cores, cached under ~/.cache/torch_extensions
+for the launches that follow): the launch's timeout allows for it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="the DeepSpeed tests need deepspeed (the test extra)")
+
+from dist_worker import batch_for, models, optimizer_for, patterns  # noqa: E402
+from ds_worker import CASES, STEPS, TEXT_ONLY, case_id, mdgd_config  # noqa: E402
+from launch import WORLD, launch_ranks  # noqa: E402
+from llava_tiny import one_thread  # noqa: E402, F401  (fixture)
+from step_check import assert_step_matches, reference_step  # noqa: E402
+from test_distributed import assert_figures  # noqa: E402
+from tolerances import U32  # noqa: E402
+
+from mdgd import MDGDEngine, mark_trainable  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+HERE = os.path.dirname(os.path.abspath(__file__))
+# the first launch may JIT-compile DeepSpeed's op (~150 s); then 10 cases x 3 steps
+LAUNCH_TIMEOUT = 900
+
+
+def launch_ds(scenario: str, out, timeout: float = LAUNCH_TIMEOUT) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    worker = os.path.join(HERE, "helpers", "ds_worker.py")
+    launch_ranks([worker, scenario, str(out)], timeout=timeout, what=f"ds_worker {scenario}")
+
+
+@pytest.fixture(scope="module")
+def ds_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("deepspeed")
+    launch_ds("steps", out)
+    return [torch.load(out / f"steps-{r}.pt") for r in range(WORLD)]
+
+
+def reference(case, states: list[dict], grad_diff: list[torch.Tensor]) -> list[dict]:
+    """One process on the union of the ranks' micro-batches, each step from the run's
+    state before it; ``grad_diff``: the run's measured per-step difference of its own
+    micro-batch gradients from plain torch's (``ds_worker.grad_difference``)."""
+    stage, mode, extra, optim, micro, clip = case
+    theta, ref = models()
+    pats = patterns(theta)
+    mark_trainable(theta, pats)
+    opt = optimizer_for(optim)([p for p in theta.parameters() if p.requires_grad])
+    engine = MDGDEngine(theta, ref, opt, mdgd_config(case, pats))
+    ranks = [(r, m) for r in range(WORLD) for m in range(micro)]
+    return [
+        reference_step(
+            engine,
+            [batch_for(theta.config, r, step, m, TEXT_ONLY) for r, m in ranks],
+            states[step],
+            world=WORLD,
+            micro=micro,
+            # ZeRO-3: each rank sums its partitions' pieces, then one all-reduce;
+            # ZeRO-2: every rank computes the statistics from whole buffers
+            pieces=WORLD if stage == 3 else 1,
+            grad_diff=grad_diff[step],
+        )
+        for step in range(STEPS)
+    ]
+
+
+def with_clipping(ref: dict) -> dict:
+    """Widen the bound for a step the engine clipped: the clipped direction is ``c d`` with
+    ``c = max / (||d|| + 1e-6)``; a run's ``c'`` differs through ``||d'|| - ||d||``, at most
+    ``||dg||`` (triangle inequality) plus the norm's own float32 summation (N roundings),
+    so ``|c d - c' d'| <= dg + |c d| (||dg|| / ||c d|| + N u)`` to first order."""
+    d = ref["direction"].double()
+    dg = torch.where(torch.isfinite(ref["dg"]), ref["dg"], 0.0)
+    rel = dg.norm() / d.norm() + d.numel() * U32
+    out = dict(ref)
+    out["dg"] = ref["dg"] + d.abs() * rel
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
+def test_deepspeed_equals_one_process_on_the_union(ds_results, case):
+    key = case_id(case)
+    r0, r1 = ds_results[0][key], ds_results[1][key]
+    stage, mode, _, _, micro, clip = case
+    if mode != "ft":
+        assert r0["ref_same"] and r1["ref_same"], f"{key}: ref_model changed"
+    for step, (a, b) in enumerate(zip(r0["states"], r1["states"])):
+        assert torch.equal(a["params"], b["params"]), f"{key}: the ranks differ after {step} steps"
+    assert not torch.equal(r0["states"][0]["params"], r0["states"][-1]["params"]), key
+    if mode != "ft":  # step 1's first micro-batch was text-only on both ranks
+        assert r0["figures"][1]["text_only_fraction"] == 1 / micro
+    if stage == 2:  # ZeRO-2 computes every micro-batch's gradient as plain torch does
+        assert all(d.max() == 0 for d in r0["grad_diff"]), f"{key}: {r0['grad_diff']}"
+    refs = reference(case, r0["states"], r0["grad_diff"])
+    if clip:
+        refs = [with_clipping(r) for r in refs]
+    for step, ref in enumerate(refs):
+        assert_step_matches(f"{key} step {step}", r0["states"][step], r0["states"][step + 1], ref)
+    assert_figures(key, r0["figures"], r1["figures"], [r["figures"] for r in refs])
+
+
+def test_zero3_gradient_buffers_are_one_over_world_of_dp(ds_results):
+    """Per rank, mdgd's four buffers hold this rank's ZeRO-3 partitions only: together the
+    ranks hold exactly dp's four full buffers once, each rank about 1/W of them."""
+    for case in CASES:
+        stage, mode = case[0], case[1]
+        if mode == "ft":
+            continue
+        key = case_id(case)
+        got = [ds_results[r][key]["buffer_bytes"] for r in range(WORLD)]
+        total = ds_results[0][key]["global_trainable"]
+        dp_bytes = 4 * total * 4  # four full float32 buffers, as "dp" holds on every rank
+        if stage == 3:
+            assert sum(got) == dp_bytes, (key, got, dp_bytes)
+            # each parameter's partition is ceil(numel / W): at most one element over per tensor
+            assert max(got) <= math.ceil(dp_bytes / WORLD) + 4 * 4 * 64, (key, got)
+        else:  # ZeRO-1/2 read the full gradients: dp's buffers on every rank
+            assert got == [dp_bytes] * WORLD, (key, got)
+
+
+@pytest.fixture(scope="module")
+def trainer_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_trainer")
+    launch_ds("trainer", out)
+    return out, [torch.load(out / f"trainer-{r}.pt") for r in range(WORLD)]
+
+
+def test_trainer_with_llava_configs_equals_dp_and_resumes(trainer_results):
+    """MDGDTrainer with the text of LLaVA's zero3.json and zero2.json trains as in "dp"
+    mode; resuming the ZeRO-3 run from its step-2 checkpoint ends where it ended; the
+    saved model loads with from_pretrained."""
+    from transformers import LlavaForConditionalGeneration
+
+    out, res = trainer_results
+    r = res[0]
+    assert torch.equal(res[0]["zero3"]["params"], res[1]["zero3"]["params"]), "ranks differ"
+    for name in ("zero3", "zero2"):
+        assert r[name]["mode"] == "deepspeed"
+        assert len(r[name]["logs"]) == 3, r[name]["logs"]
+        # same steps as "dp" up to float32 summation order (as the FSDP2 Trainer test)
+        torch.testing.assert_close(r[name]["params"], r["dp"]["params"], rtol=1e-5, atol=1e-6)
+        for got, want in zip(r[name]["logs"], r["dp"]["logs"]):
+            for key in ("loss", "mdgd/loss_v", "mdgd/cos_mean"):
+                torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+    assert "mdgd_state.json" in r["files"] and any(f.startswith("global_step") for f in r["files"])
+    assert torch.equal(r["resumed"]["params"], r["zero3"]["params"]), "the resumed run differs"
+    assert repr(r["resumed"]["logs"][-1]) == repr(r["zero3"]["logs"][-1])
+    model = LlavaForConditionalGeneration.from_pretrained(out / "zero3" / "final")
+    params = dict(model.named_parameters())
+    loaded = torch.cat([params[n].detach().reshape(-1).double() for n in r["zero3"]["names"]])
+    assert torch.equal(loaded, r["zero3"]["params"]), "the saved model is not the trained one"
