@@ -255,16 +255,19 @@ class Run:
 
 def prepare(opts: TrainArguments, args) -> Run:
     """Load the model, processor and data, and build the Trainer and the monitor."""
+    from .distributed.trainer import prepare_launch, whole_model_loading
     from .integrations.hf import MDGDTrainer
 
     if opts.mode not in MODES:
         raise TrainError(f"--mode must be one of {MODES}, got {opts.mode!r}")
-    model, processor = load_model(opts.model, DTYPES[opts.dtype])
+    prepare_launch(args)
+    with whole_model_loading(args):
+        model, processor = load_model(opts.model, DTYPES[opts.dtype])
+        ref = copy.deepcopy(model) if opts.mode in ("mdgd", "gm") else None  # no second read
     image_token_id = getattr(model.config, "image_token_id", None)  # None: the processor's
     train_set = LlavaDataset(
         opts.data, processor, opts.image_folder, opts.max_length, image_token_id
     )
-    ref = copy.deepcopy(model) if opts.mode in ("mdgd", "gm") else None  # no second disk read
     if opts.mode == "lora":
         model = _lora(model, opts.lora_rank, opts.lora_targets)
     config = mdgd_config(opts, model)

@@ -26,7 +26,9 @@ returned object's methods. One class per setup:
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +51,51 @@ def prepare_models(
     if config.distributed == "fsdp" and not is_fsdp(model):
         device = args.device  # sets up the process group, as the Trainer would
         shard_models(model.to(device), ref_model.to(device) if ref_model else None)
+
+
+def prepare_launch(args: Any) -> None:
+    """Before any model is loaded: set up the process group as the Trainer will (touching
+    ``args.device`` does), and under DeepSpeed its communication layer too, since
+    transformers then loads ZeRO-3 models partitioned (``zero.Init``), which needs the
+    ranks (on CPU, with ``use_cpu``, accelerate leaves that layer uninitialised)."""
+    _ = args.device
+    if getattr(args, "deepspeed", None):
+        import torch.distributed as dist
+
+        from .deepspeed import check_version
+
+        if dist.is_available() and dist.is_initialized():
+            check_version().init_distributed(dist_backend=dist.get_backend())
+
+
+@contextlib.contextmanager
+def whole_model_loading(args: Any) -> Iterator[None]:
+    """Load models whole in this block, also under a ZeRO-3 config.
+
+    ``TrainingArguments(deepspeed=<ZeRO-3>)`` makes transformers' ``from_pretrained``
+    partition each model as it loads (``deepspeed.zero.Init``). phi is theta's deep copy
+    (one read from disk), and partitioned parameters cannot be copied; a second
+    partitioned load of the same class failed in transformers 5.25 (its hub-kernel
+    attention forward lost its per-instance state). So both are loaded whole on every
+    rank (host memory: twice the model per rank, briefly) and DeepSpeed partitions them
+    when it builds the engines. transformers' switch for this is the weak reference to
+    the config that ``TrainingArguments`` registers: unset here, set back after.
+    """
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    config = getattr(args, "hf_deepspeed_config", None)
+    if config is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(config)
 
 
 def trainer_strategy(trainer: Any) -> TrainerStrategy:

@@ -246,6 +246,51 @@ def scenario_steps(rank: int, world: int, out: str) -> None:
     torch.save(results, os.path.join(out, f"steps-{rank}.pt"))
 
 
+def scenario_ckpt(rank: int, world: int, out: str) -> None:
+    """ZeRO-3 and ZeRO-2, "mdgd" with AdamW and a scheduler: 2 steps, a checkpoint, 2 more;
+    then fresh engines load the checkpoint and run the last 2 steps."""
+    results = {}
+    for stage in (3, 2):
+        case = (stage, "mdgd", {}, "adamw", 2, True)
+
+        def build(stage=stage, case=case):
+            theta, ref = models()
+            pats = patterns(theta)
+            mark_trainable(theta, pats)
+            opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+            model, ref_model = deepspeed_models(
+                theta, ref, ds_config(stage, 2, True), optimizer=opt, lr_scheduler=sched
+            )
+            return theta, MDGDEngine(model, ref_model, None, mdgd_config(case, pats))
+
+        def run(theta, engine, steps):
+            figs = []
+            for step in steps:
+                for m in range(2):
+                    engine.backward(batch_for(theta.config, rank, step, m), last=m == 1)
+                figs.append(engine.step())
+            return figs, capture(engine, engine.param_names)
+
+        path = os.path.join(out, f"ckpt-zero{stage}")
+        theta, engine = build()
+        run(theta, engine, range(2))
+        engine.save_checkpoint(path)
+        figs, full = run(theta, engine, range(2, 4))
+        theta, engine = build()
+        engine.load_checkpoint(path)
+        step_count = engine.step_count
+        figs2, resumed = run(theta, engine, range(2, 4))
+        results[stage] = {
+            "full": full,
+            "resumed": resumed,
+            "figures": (figs, figs2),
+            "step_count": step_count,
+            "files": sorted(os.listdir(path)),
+        }
+    torch.save(results, os.path.join(out, f"ckpt-{rank}.pt"))
+
+
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
@@ -317,7 +362,7 @@ def scenario_trainer(rank: int, world: int, out: str) -> None:
     torch.save(result, os.path.join(out, f"trainer-{rank}.pt"))
 
 
-SCENARIOS = {"steps": scenario_steps, "trainer": scenario_trainer}
+SCENARIOS = {"steps": scenario_steps, "trainer": scenario_trainer, "ckpt": scenario_ckpt}
 
 
 def main() -> None:
