@@ -237,8 +237,26 @@ def _exit_before_gloo_teardown(code: int) -> None:
     os._exit(code)
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """``argv`` without the ``--local_rank=N`` that DeepSpeed's launcher puts before the
+    command (``deepspeed --num_gpus 8 $(which mdgd) train ...``); it sets ``LOCAL_RANK``
+    too, which is what the Trainer reads."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, _, value = arg.partition("=")
+        if not out and name in ("--local_rank", "--local-rank"):
+            if not value and i + 1 < len(argv):
+                value, i = argv[i + 1], i + 1
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _take_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     if not argv or argv[0] not in ("train", "demo", "bench", "info"):
         parser.parse_args(argv)  # prints help/usage, or the error for an unknown command

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -75,3 +76,16 @@ def test_python_m_mdgd_and_lazy_bench_import():
         [sys.executable, "-m", "mdgd", "--help"], capture_output=True, text=True, check=False
     )
     assert res.returncode == 0 and "demo" in res.stdout
+
+
+def test_deepspeed_launchers_local_rank_before_the_command(monkeypatch):
+    """``deepspeed --num_gpus N $(which mdgd) train ...`` runs ``mdgd --local_rank=R train
+    ...``: the flag is taken off (and sets LOCAL_RANK); after the command it is the
+    Trainer's own flag and stays."""
+    from mdgd.cli import _take_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _take_local_rank(["--local_rank=1", "train", "--x", "1"]) == ["train", "--x", "1"]
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert _take_local_rank(["--local-rank", "0", "info"]) == ["info"]
+    assert _take_local_rank(["train", "--local_rank=3"]) == ["train", "--local_rank=3"]

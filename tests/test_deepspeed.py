@@ -25,7 +25,7 @@ pytest.importorskip("deepspeed", reason="the DeepSpeed tests need deepspeed (the
 
 from dist_worker import batch_for, models, optimizer_for, patterns  # noqa: E402
 from ds_worker import CASES, STEPS, TEXT_ONLY, case_id, mdgd_config  # noqa: E402
-from launch import WORLD, launch_ranks  # noqa: E402
+from launch import WORLD, free_port, launch_ranks  # noqa: E402
 from llava_tiny import one_thread  # noqa: E402, F401  (fixture)
 from step_check import assert_step_matches, reference_step  # noqa: E402
 from test_distributed import assert_figures  # noqa: E402
@@ -167,11 +167,13 @@ def test_trainer_with_llava_configs_equals_dp_and_resumes(trainer_results):
 
 
 def test_mdgd_train_deepspeed_zero3_equals_one_process(tmp_path_factory, tmp_path):
-    """``mdgd train --deepspeed <LLaVA's zero3.json>`` under torchrun, 2 gloo ranks, batch 2
-    each == one process with 2 micro-batches of 2. The data are the image samples only:
-    under ZeRO-3 the ranks' micro-batches must agree on having images (the text-only
-    error is tested with the engine)."""
+    """``mdgd train --deepspeed <LLaVA's zero3.json>`` on 2 gloo ranks, batch 2 each, under
+    torchrun and under DeepSpeed's own launcher (``deepspeed --num_gpus 2``, which on CPU
+    starts 2 local processes) == one process with 2 micro-batches of 2. The data are the
+    image samples only: under ZeRO-3 the ranks' micro-batches must agree on having images
+    (the text-only error is tested with the engine)."""
     import json
+    import shutil
     import subprocess
     import sys
 
@@ -187,24 +189,29 @@ def test_mdgd_train_deepspeed_zero3_equals_one_process(tmp_path_factory, tmp_pat
     data.write_text(json.dumps([r for r in rows if "image" in r]))
     zero3 = os.path.join(HERE, "data", "llava_zero3.json")
     common = dict(data=data, max_steps=3, **{"monitor-steps": 2})
-    argv = flags(
-        d, tmp_path / "two", ddp_backend="gloo", ddp_timeout=120, deepspeed=zero3, **common
-    )
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += ["-m", "mdgd", "train", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    launchers = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        + ["--nproc-per-node", "2", "-m", "mdgd"],
+        "deepspeed": [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2"]
+        + ["--master_port", str(free_port()), shutil.which("mdgd") or "mdgd"],
+    }
+    for name, launcher in launchers.items():
+        argv = flags(d, tmp_path / name, ddp_backend="gloo", ddp_timeout=120, **common)
+        cmd = [*launcher, "train", *argv, "--deepspeed", zero3]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, name + proc.stdout[-3000:] + proc.stderr[-3000:]
     opts, args = parse(flags(d, tmp_path / "one", gradient_accumulation_steps=2, **common))
     run(opts, args, prepare(opts, args))
-    two = load_file(tmp_path / "two" / "model.safetensors")
     one = load_file(tmp_path / "one" / "model.safetensors")
     start = load_file(d / "model" / "model.safetensors")
     assert any(not torch.equal(one[k], start[k]) for k in one)
-    for k in one:  # up to float32 summation order (as the "dp" mdgd train test)
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=prefixed(k))
-    summary = json.loads((tmp_path / "two" / "train_summary.json").read_text())
-    assert summary["figures"]["mdgd/erank"] > 0
+    for name in launchers:
+        two = load_file(tmp_path / name / "model.safetensors")
+        for k in one:  # up to float32 summation order (as the "dp" mdgd train test)
+            torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=prefixed(k))
+        summary = json.loads((tmp_path / name / "train_summary.json").read_text())
+        assert summary["figures"]["mdgd/erank"] > 0
 
 
 def test_engine_checkpoint_resumes_bit_for_bit(tmp_path):
