@@ -68,6 +68,7 @@ from .common import (
     canonical_name,
     check_same_modality,
     fingerprint,
+    global_shape,
     is_deepspeed,
     raised_by_a_collective,
 )
@@ -268,7 +269,7 @@ class _DeepSpeedSteps:
         self.stage = _stage(self.engines[0])
         self.comm = Collectives(None, config.dist_timeout_s)
         self.world = self.comm.world
-        shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in theta_params]
+        shapes = [global_shape(p) for p in theta_params]
         self.comm.check_agreement(
             fingerprint(
                 list(names),
@@ -281,7 +282,6 @@ class _DeepSpeedSteps:
             )
         )
         self._ran: list[bool] = []
-        self._selected: list[float] | None = None
         self._keep: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ per micro-batch
@@ -337,7 +337,6 @@ class _DeepSpeedSteps:
     def assign_direction(self, skipped: bool, selected: Sequence[float], scaler: bool) -> None:
         """Write the direction into ZeRO's gradient partitions (zeros where MDGD-GM selects
         nothing); nothing on a skipped step (the partitions were zeroed after the reads)."""
-        self._selected = None if skipped else list(selected)
         if skipped:
             return
         views = self.theta.local_views("g")
