@@ -27,6 +27,22 @@ Rows (each in fresh subprocesses, so that its peak memory is its own; with
   its own batch; the step time is rank 0's, and the row adds each rank's bytes
   of gradient buffers, optimizer state and parameters (local shards of both
   models), and the largest per-rank peak memory.
+* ``mdgd-zero2`` and ``mdgd-zero3`` (ask for them with ``--modes``; need DeepSpeed,
+  ``DS_ACCELERATOR=cpu`` is set for ``--device cpu``): the same, both models wrapped
+  by ``mdgd.deepspeed_models`` (``distributed="deepspeed"``) with ZeRO stage 2 or 3
+  (:func:`zero_config`: the client AdamW, no clipping, every parameter partitioned).
+  MDGD steps DeepSpeed itself; the optimizer column is DeepSpeed's step. Per rank,
+  measured from tensors: mdgd's four buffers (``grads_mb``), DeepSpeed's gradient
+  partitions of both engines (``ds_grads_mb``, see :func:`ds_grad_tensors`), theta's
+  optimizer state with its fp32 master partitions (``optim_mb`` =
+  ``optim_state_mb`` + ``master_mb``), phi's engine's fp32 master partitions
+  (``phi_engine_mb``: its optimizer never steps), and the parameters' local bytes
+  (``params_mb``: ZeRO-3 each parameter's ``ds_tensor``, ZeRO-2 whole). Tensors
+  that share memory (ZeRO-3 in fp32 uses the parameters' partitions as its master
+  weights where it can reuse them; DeepSpeed 0.19.8 on CPU keeps a copy) are counted
+  once in ``held_mb``; ``held_sum_mb`` adds the categories. All measured between the
+  direction's write into ZeRO's partitions and DeepSpeed's step of the last step
+  (``ds_grads_after_step_mb``: what stays after it).
 
 Every MDGD row runs two forwards (theta and phi), ``backward(L_vl(theta) +
 L_vl(phi))`` into the ``g`` buffers and ``backward(L_v)`` into the ``h`` buffers,
@@ -84,13 +100,40 @@ PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 MODES = ("ft", "mdgd", "gm", "mdgd-per-tensor", "mdgd-recompute")
 # the engine's mode behind each single-process row
 ALGO = {"ft": "ft", "gm": "gm"}
-DIST_MODES = {"mdgd-dp": "dp", "mdgd-fsdp": "fsdp"}
+DIST_MODES = {
+    "mdgd-dp": "dp",
+    "mdgd-fsdp": "fsdp",
+    "mdgd-zero2": "deepspeed",
+    "mdgd-zero3": "deepspeed",
+}
+# the ZeRO stage of each DeepSpeed row
+ZERO_STAGES = {"mdgd-zero2": 2, "mdgd-zero3": 3}
 
 
 # ---------------------------------------------------------------------- one row (worker)
 
 
+def zero_config(stage: int, args: argparse.Namespace) -> dict:
+    """The DeepSpeed config of the ``mdgd-zero{stage}`` rows: ZeRO ``stage``, the client
+    optimizer (AdamW, as every row), one micro-batch of ``--batch-size`` per step, no
+    clipping (DeepSpeed clips at 1.0 unless told), every parameter partitioned."""
+    cfg = {
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": 1,  # the bench runs one micro-batch per step
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+    }
+    if args.dtype == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
 def worker(args: argparse.Namespace) -> dict:
+    stage = ZERO_STAGES.get(args.mode)
+    if stage and torch.device(args.device).type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable, shard_models
     from mdgd.testing import perturbed_copy, random_batch, tiny_llava
     from mdgd_bench.step_engines import engine_class
@@ -100,7 +143,13 @@ def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     rank, world = 0, 1
     if args.mode in DIST_MODES:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if stage:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     ref = tiny_llava(seed=0, dtype=dtype, device=device, **size_kwargs(args))
@@ -113,10 +162,21 @@ def worker(args: argparse.Namespace) -> dict:
     dmode = DIST_MODES.get(args.mode, "none")
     cfg = MDGDConfig(mode=algo, trainable=patterns, distributed=dmode)
     mark_trainable(theta, patterns)  # before the optimizer is built
+    # counted before wrapping: ZeRO-3 leaves empty tensors in the modules
+    trainable_numel = sum(p.numel() for p in theta.parameters() if p.requires_grad)
+    total_numel = sum(p.numel() for p in theta.parameters())
     if dmode == "fsdp":
         shard_models(theta, ref)
     opt = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-5)
-    engine = engine_class(args.mode)(theta, ref, opt, cfg)
+    ds_engines = None
+    if stage:
+        from mdgd import deepspeed_models
+
+        ds_engines = deepspeed_models(theta, ref, zero_config(stage, args), optimizer=opt)
+        engine = engine_class(args.mode)(*ds_engines, None, cfg)  # DeepSpeed steps
+        theta, ref = ds_engines[0].module, ds_engines[1].module
+    else:
+        engine = engine_class(args.mode)(theta, ref, opt, cfg)
     batches = [
         random_batch(
             theta.config, args.batch_size, args.text_len, seed=i * world + rank, device=device
@@ -128,6 +188,8 @@ def worker(args: argparse.Namespace) -> dict:
             b["pixel_values"] = b["pixel_values"].to(dtype)
 
     total, fwd_bwd, direction, optim = [], [], [], []
+    zero_row: dict = {}
+    last = args.warmup + args.steps - 1
     for i in range(args.warmup + args.steps):
         if i == args.warmup and device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -137,17 +199,24 @@ def worker(args: argparse.Namespace) -> dict:
         engine.backward(batch, last=True)
         sync(device)
         t1 = time.perf_counter()
-        engine.compute_direction()
+        figures = engine.compute_direction()
         sync(device)
         t2 = time.perf_counter()
-        opt.step()
+        if ds_engines is not None and i == last:
+            # the direction now sits in ZeRO's gradient partitions: the most held (untimed)
+            zero_row = zero_bytes(engine, ds_engines, stage)
+        t2b = time.perf_counter()
+        if ds_engines is not None:  # DeepSpeed's step (MDGDEngine.step's own call)
+            engine.exchange.optimizer_step(bool(figures["skipped"]))
+        else:
+            opt.step()
         sync(device)
         t3 = time.perf_counter()
         if i >= args.warmup:
-            total.append(t3 - t0)
+            total.append(t2 - t0 + t3 - t2b)
             fwd_bwd.append(t1 - t0)
             direction.append(t2 - t1)
-            optim.append(t3 - t2)
+            optim.append(t3 - t2b)
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -157,12 +226,19 @@ def worker(args: argparse.Namespace) -> dict:
         "times": {"step": total, "fwd_bwd": fwd_bwd, "direction": direction, "optimizer": optim},
         "peak_mem_mb": peak / 2**20,
         "peak_mem_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process RSS",
-        "trainable_params": sum(p.numel() for p in engine.theta.params),
+        "trainable_params": trainable_numel,
         "trainable_tensors": len(engine.theta.params),
-        "total_params": sum(p.numel() for p in theta.parameters()),
+        "total_params": total_numel,
         "image_tokens": (args.image_size // args.patch_size) ** 2,
     }
-    row.update(per_rank_bytes(engine, [theta, ref], opt))
+    if ds_engines is not None:
+        row["zero_stage"] = stage
+        row["ds_config"] = zero_config(stage, args)
+        row.update(zero_row)
+        after = [t for e in ds_engines for ts in ds_grad_tensors(e).values() for t in ts]
+        row["ds_grads_after_step_mb"] = tensors_mb(after)
+    else:
+        row.update(per_rank_bytes(engine, [theta, ref], opt))
     if dmode == "none":
         row.update(formula_bytes(row, algo, dtype))
         return row
@@ -172,10 +248,118 @@ def worker(args: argparse.Namespace) -> dict:
     dist.destroy_process_group()
     if rank != 0:
         return {}
-    for key in ("grads_mb", "optim_mb", "params_mb", "peak_mem_mb"):
+    keys = ["grads_mb", "optim_mb", "params_mb", "peak_mem_mb"]
+    keys += [k for k in ZERO_KEYS if k in row]
+    for key in keys:
         row[key] = max(r[key] for r in rows)
         row[f"{key}_per_rank"] = [r[key] for r in rows]
     return row
+
+
+# the extra per-rank MB of the ZeRO rows (the largest rank's, and each rank's)
+ZERO_KEYS = (
+    "ds_grads_mb",
+    "ds_grads_theta_mb",
+    "ds_grads_after_step_mb",
+    "optim_state_mb",
+    "master_mb",
+    "phi_engine_mb",
+    "held_mb",
+    "held_sum_mb",
+)
+
+
+def tensors_mb(tensors) -> float:
+    """MB of the memory the tensors span, each byte once (views of one buffer, or a
+    tensor that is another's storage, are not counted twice)."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in tensors
+        if t is not None and t.numel()
+    )
+    total, end = 0, -1
+    for lo, hi in spans:
+        if hi <= end:
+            continue
+        total += hi - max(lo, end)
+        end = hi
+    return total / 2**20
+
+
+def ds_grad_tensors(ds_engine) -> dict[str, list[torch.Tensor]]:
+    """DeepSpeed's gradient partitions of one engine that its public attributes reach
+    (no DeepSpeed API lists them), by attribute: ZeRO-3's ``grad_partitions_flat_buffer``
+    (this rank's partitions, allocated at init), ZeRO-1/2's ``grads_in_partition``
+    (contiguous gradients, allocated at the first reduction) and ``averaged_gradients``,
+    and the ``.grad`` of the fp32 master partitions (:func:`ds_master`). Communication
+    buckets (``ipg_buffer``, ``ipg_buckets``) are left out."""
+    zopt = ds_engine.optimizer
+    out: dict[str, list[torch.Tensor]] = {}
+    for name in ("grad_partitions_flat_buffer", "grads_in_partition"):
+        t = getattr(zopt, name, None)
+        if torch.is_tensor(t):
+            out[name] = [t]
+    avg = getattr(zopt, "averaged_gradients", None) or {}
+    for v in avg.values() if isinstance(avg, dict) else avg:
+        got = [x for x in (v if isinstance(v, (list, tuple)) else [v]) if torch.is_tensor(x)]
+        out.setdefault("averaged_gradients", []).extend(got)
+    grads = [p.grad for p in ds_master(ds_engine) if p.grad is not None]
+    if grads:
+        out["master.grad"] = grads
+    return {k: v for k, v in out.items() if v}
+
+
+def ds_master(ds_engine) -> list[torch.Tensor]:
+    """The fp32 master partitions of one engine: ZeRO-3's ``fp32_partitioned_groups_flat``
+    (its inner optimizer holds them only during the step), ZeRO-1/2's
+    ``single_partition_of_fp32_groups``, and the inner optimizer's ``param_groups``."""
+    zopt = ds_engine.optimizer
+    out = [p for g in zopt.optimizer.param_groups for p in g["params"]]
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        out += [t for t in getattr(zopt, name, None) or [] if torch.is_tensor(t)]
+    return out
+
+
+def ds_grads_mb(ds_engines) -> dict:
+    """The MB of :func:`ds_grad_tensors` of both engines, of theta's, and where they were."""
+    found = [ds_grad_tensors(e) for e in ds_engines]
+    return {
+        "ds_grads_mb": tensors_mb(t for f in found for ts in f.values() for t in ts),
+        "ds_grads_theta_mb": tensors_mb(t for ts in found[0].values() for t in ts),
+        "ds_grads_attrs": {
+            k: tensors_mb(found[0][k])
+            for k in found[0]  # theta's engine, by attribute
+        },
+    }
+
+
+def zero_bytes(engine, ds_engines, stage: int) -> dict[str, float]:
+    """This rank's MB under DeepSpeed (see the module docstring), from the tensors; called
+    between the direction's write into ZeRO's gradient partitions and DeepSpeed's step."""
+    ds_theta, ds_phi = ds_engines
+    grads = [b for fg in (engine.theta, engine.phi) if fg for b in fg.buffers.values()]
+    inner = ds_theta.optimizer.optimizer  # the client AdamW, over the fp32 partitions
+    state = [v for st in inner.state.values() for v in st.values() if torch.is_tensor(v)]
+    master = ds_master(ds_theta)
+    phi_inner = ds_phi.optimizer.optimizer  # SGD(lr=0), never steps
+    phi = ds_master(ds_phi)
+    phi += [v for st in phi_inner.state.values() for v in st.values() if torch.is_tensor(v)]
+    params = [p.ds_tensor if stage == 3 else p for e in ds_engines for p in e.module.parameters()]
+    ds_grads = [t for e in ds_engines for ts in ds_grad_tensors(e).values() for t in ts]
+    parts = {
+        "grads_mb": tensors_mb(grads),
+        "optim_state_mb": tensors_mb(state),
+        "master_mb": tensors_mb(master),
+        "optim_mb": tensors_mb(state + master),
+        "phi_engine_mb": tensors_mb(phi),
+        "params_mb": tensors_mb(params),
+        **ds_grads_mb(ds_engines),
+    }
+    parts["held_mb"] = tensors_mb(grads + state + master + phi + params + ds_grads)
+    parts["held_sum_mb"] = sum(
+        parts[k] for k in ("grads_mb", "ds_grads_mb", "optim_mb", "phi_engine_mb", "params_mb")
+    )
+    return parts
 
 
 def per_rank_bytes(engine, models, opt) -> dict[str, float]:
@@ -294,15 +478,23 @@ def formula_table(rows: list[dict]) -> str:
 
 
 def memory_table(rows: list[dict]) -> str:
-    """Per-rank bytes of the distributed rows (the largest rank's)."""
-    head = ["mode", "ranks", "grads MB/rank", "optim MB/rank", "params MB/rank", "peak MB/rank"]
+    """Per-rank bytes of the distributed rows (the largest rank's); the DeepSpeed columns
+    ("-" on the other rows): its gradient partitions and phi's engine's master weights."""
+    head = ["mode", "ranks", "grads MB/rank", "DS grads MB/rank", "optim MB/rank"]
+    head += ["phi engine MB/rank", "params MB/rank", "peak MB/rank"]
+
+    def cell(r: dict, key: str) -> str:
+        return f"{r[key]:.2f}" if key in r else "-"
+
     body = [
         [
             r["mode"],
             str(r["world"]),
-            f"{r['grads_mb']:.2f}",
-            f"{r['optim_mb']:.2f}",
-            f"{r['params_mb']:.2f}",
+            cell(r, "grads_mb"),
+            cell(r, "ds_grads_mb"),
+            cell(r, "optim_mb"),
+            cell(r, "phi_engine_mb"),
+            cell(r, "params_mb"),
             f"{r['peak_mem_mb']:.0f}",
         ]
         for r in rows
@@ -342,7 +534,14 @@ LLAVA_7B_RUN = dict(
 
 def parse(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help=f"comma-separated, from {', '.join(MODES)} (one process each; the default) and "
+        f"the multi-process rows {', '.join(DIST_MODES)} (--nproc ranks under torchrun: "
+        "distributed='dp', FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 through mdgd.deepspeed_models, "
+        "which need deepspeed installed)",
+    )
     p.add_argument("--steps", type=int, default=6, help="timed steps per row and round")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per row, alternated")
     p.add_argument("--warmup", type=int, default=3)
@@ -353,7 +552,9 @@ def parse(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
-    p.add_argument("--nproc", type=int, default=2, help="processes of the mdgd-dp/fsdp rows")
+    p.add_argument(
+        "--nproc", type=int, default=2, help="processes of the mdgd-dp/fsdp/zero2/zero3 rows"
+    )
     quick = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
     p.add_argument(
         "--quick",
@@ -383,9 +584,25 @@ def worker_command(mode: str, nproc: int, argv: list[str]) -> list[str]:
     """The command that runs one row: this module, under torchrun for the distributed rows."""
     run = ["-m", "mdgd_bench.step", *argv, "--mode", mode]
     if mode in DIST_MODES:
+        # torchrun's parser scans the script's arguments too, and refuses "--nproc" as an
+        # ambiguous abbreviation of its --nproc-per-node: the workers do not need it
+        run = ["-m", "mdgd_bench.step", *without_option(argv, "--nproc"), "--mode", mode]
         # --standalone: a free port, so that concurrent launches do not collide
         run = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *run]
     return [sys.executable, *run]
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` less ``name VALUE`` and ``name=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == name:
+            skip = True
+        elif not a.startswith(name + "="):
+            out.append(a)
+    return out
 
 
 def run_worker(mode: str, nproc: int, argv: list[str]) -> dict:
@@ -398,7 +615,8 @@ def run_worker(mode: str, nproc: int, argv: list[str]) -> dict:
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=PACKAGE_PARENT, env=env)
     if out.returncode != 0:
         raise SystemExit(f"row {mode} failed:\n{out.stderr[-4000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # the row is rank 0's last line that is a JSON object (DeepSpeed logs to stdout too)
+    return json.loads([x for x in out.stdout.splitlines() if x.startswith("{")][-1])
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
