@@ -230,3 +230,40 @@ def test_engine_checkpoint_resumes_bit_for_bit(tmp_path):
                     got = r["resumed"]["moments"][name][k]
                     assert torch.equal(torch.as_tensor(got), torch.as_tensor(v)), (stage, name, k)
             assert repr(r["figures"][0]) == repr(r["figures"][1]), stage
+
+
+@pytest.mark.parametrize(
+    "config, fp16, key",
+    [
+        ({"zero_optimization": {"stage": 3}, "fp16": {"enabled": True}}, False, '"fp16"'),
+        ({"zero_optimization": {"stage": 3}}, True, '"fp16"'),
+        ({"zero_optimization": {"stage": 0}}, False, '"stage": 0'),
+        (
+            {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+            False,
+            '"offload_optimizer"',
+        ),
+        (
+            {"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+            False,
+            '"offload_param"',
+        ),
+    ],
+    ids=["fp16-config", "fp16-flag", "stage0", "offload-optimizer", "offload-param"],
+)
+def test_configs_that_cannot_work_name_their_key(config, fp16, key):
+    from mdgd.distributed.deepspeed import config_unsupported
+
+    why = config_unsupported(config, fp16)
+    assert why is not None and key in why, why
+
+
+def test_llava_configs_are_accepted():
+    from ds_worker import llava_config
+
+    from mdgd.distributed.deepspeed import config_unsupported
+
+    for stage in (2, 3):
+        cfg = llava_config(stage)
+        cfg["fp16"]["enabled"] = False  # what "auto" becomes without --fp16
+        assert config_unsupported(cfg) is None

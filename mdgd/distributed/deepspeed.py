@@ -175,6 +175,24 @@ def _stage(engine: Any) -> int:
     return int(engine.zero_optimization_stage())
 
 
+def config_unsupported(config: Mapping[str, Any], fp16: bool = False) -> str | None:
+    """:func:`unsupported` read from a config dict, before any engine exists (the
+    Trainer's constructor): fp16, stage 0, optimizer or parameter offload."""
+    if fp16 or (config.get("fp16") or {}).get("enabled") is True:
+        return (
+            '"fp16": {"enabled": true} (--fp16): the loss scaler would check only part of '
+            "MDGD's gradients; train in bf16 (--bf16) instead"
+        )
+    zero = config.get("zero_optimization") or {}
+    if int(zero.get("stage", 0)) == 0:
+        return '"zero_optimization": {"stage": 0}: use stage 1, 2 or 3'
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            return f'"zero_optimization": {{"{key}": {{"device": "{device}"}}}}: not supported yet'
+    return None
+
+
 def unsupported(engine: Any) -> str | None:
     """Why MDGD cannot run on ``engine``'s configuration, naming the key; None if it can."""
     if engine.fp16_enabled():
@@ -585,6 +603,7 @@ __all__ = [
     "MIN_VERSION",
     "ZeRO12Exchange",
     "ZeRO3Exchange",
+    "config_unsupported",
     "deepspeed_models",
     "reference_engine",
     "reference_config",

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import MDGDConfig
 from .common import is_fsdp
-from .deepspeed import reference_engine
+from .deepspeed import config_unsupported, reference_engine
 from .shard import shard_like, shard_models
 
 SHARDED_DIR = "mdgd_fsdp"
@@ -247,11 +247,10 @@ class DeepSpeedStrategy(TrainerStrategy):
 
     def __init__(self, trainer: Any) -> None:
         super().__init__(trainer)
-        if getattr(trainer.accelerator, "scaler", None) is not None or trainer.args.fp16:
-            raise ValueError(
-                'MDGDTrainer under DeepSpeed needs bf16 or fp32: "fp16" (--fp16) uses a dynamic '
-                "loss scale that would check only part of MDGD's gradients"
-            )
+        config = trainer.args.hf_deepspeed_config.config  # "auto" filled from the arguments
+        why = config_unsupported(config, trainer.args.fp16)
+        if why is not None:  # at construction; the engine itself checks again when built
+            raise ValueError(f"MDGDTrainer cannot run on this DeepSpeed config: {why}")
 
     def engine_models(self, ref_model: nn.Module | None) -> tuple[nn.Module, nn.Module | None]:
         t = self.trainer
