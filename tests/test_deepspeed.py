@@ -267,3 +267,28 @@ def test_llava_configs_are_accepted():
         cfg = llava_config(stage)
         cfg["fp16"]["enabled"] = False  # what "auto" becomes without --fp16
         assert config_unsupported(cfg) is None
+
+
+FAULTS = [(s, n, f) for s in (3, 2) for n in ("skip", "raise") for f in ("grad", "loss")]
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_faults")
+    launch_ds("faults", out)
+    return [torch.load(out / f"faults-{r}.pt") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", FAULTS, ids=[f"zero{s}-{n}-{f}" for s, n, f in FAULTS])
+def test_nan_on_one_rank_skips_or_raises_on_every_rank(faults, case):
+    stage, nonfinite, fault = case
+    ranks = [f[case] for f in faults]
+    for rank, res in enumerate(ranks):
+        if nonfinite == "raise":
+            assert res["error"] and "non-finite" in res["error"], f"rank {rank}: {res}"
+        else:
+            assert res["error"] is None and res["figures"]["skipped"] == 1.0, f"rank {rank}"
+        assert res["unchanged"], f"rank {rank} moved its parameters on a non-finite step"
+    a, b = (r["after"] for r in ranks)
+    assert torch.equal(a, b), "the ranks' parameters differ after the next step"
+    assert torch.isfinite(a).all()

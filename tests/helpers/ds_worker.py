@@ -291,6 +291,43 @@ def scenario_ckpt(rank: int, world: int, out: str) -> None:
     torch.save(results, os.path.join(out, f"ckpt-{rank}.pt"))
 
 
+def scenario_faults(rank: int, world: int, out: str) -> None:
+    """ZeRO-3 and ZeRO-2, ``nonfinite`` "skip" and "raise": rank 1's gradients only get a
+    NaN (or its loss only is NaN; ``dist_faults.poison``); every rank must skip (or
+    raise), leave the parameters unchanged and go on stepping together."""
+    from dist_faults import poison
+
+    results = {}
+    for stage in (3, 2):
+        for nonfinite in ("skip", "raise"):
+            for fault in ("grad", "loss"):
+                theta, ref = models()
+                pats = patterns(theta)
+                mark_trainable(theta, pats)
+                opt = optimizer_for("adamw")([p for p in theta.parameters() if p.requires_grad])
+                model, ref_model = deepspeed_models(
+                    theta, ref, ds_config(stage, 1, False), optimizer=opt
+                )
+                cfg = MDGDConfig(trainable=pats, nonfinite=nonfinite, dist_timeout_s=60)
+                engine = MDGDEngine(model, ref_model, None, cfg)
+                names = engine.param_names
+                engine.step(batch_for(theta.config, rank, 0))
+                before = capture(engine, names)["params"]
+                handle = poison(theta, fault) if rank == 1 else None
+                res = {"error": None, "figures": None}
+                try:
+                    res["figures"] = engine.step(batch_for(theta.config, rank, 1))
+                except FloatingPointError as e:
+                    res["error"] = str(e)
+                if handle is not None:
+                    handle.remove()
+                res["unchanged"] = torch.equal(capture(engine, names)["params"], before)
+                engine.step(batch_for(theta.config, rank, 2))  # the ranks still step together
+                res["after"] = capture(engine, names)["params"]
+                results[stage, nonfinite, fault] = res
+    torch.save(results, os.path.join(out, f"faults-{rank}.pt"))
+
+
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
@@ -362,7 +399,12 @@ def scenario_trainer(rank: int, world: int, out: str) -> None:
     torch.save(result, os.path.join(out, f"trainer-{rank}.pt"))
 
 
-SCENARIOS = {"steps": scenario_steps, "trainer": scenario_trainer, "ckpt": scenario_ckpt}
+SCENARIOS = {
+    "steps": scenario_steps,
+    "trainer": scenario_trainer,
+    "ckpt": scenario_ckpt,
+    "faults": scenario_faults,
+}
 
 
 def main() -> None:
