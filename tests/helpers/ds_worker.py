@@ -409,6 +409,11 @@ SCENARIOS = {
 
 def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
+    # a hang (a collective one rank never reaches) prints every thread's stack and exits
+    # instead of waiting for the launch's timeout with nothing to show
+    import faulthandler
+
+    faulthandler.dump_traceback_later(float(os.environ.get("MDGD_DS_HANG_S", 600)), exit=True)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
