@@ -84,7 +84,8 @@ def test_deepspeed_launchers_local_rank_before_the_command(monkeypatch):
     Trainer's own flag and stays."""
     from mdgd.cli import _take_local_rank
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded: restored (removed) after the test
+    monkeypatch.delenv("LOCAL_RANK")
     assert _take_local_rank(["--local_rank=1", "train", "--x", "1"]) == ["train", "--x", "1"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert _take_local_rank(["--local-rank", "0", "info"]) == ["info"]
