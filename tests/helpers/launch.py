@@ -10,6 +10,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 WORLD = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -23,37 +25,46 @@ def free_port() -> int:
 
 def launch_ranks(argv: list[str], timeout: float, what: str) -> None:
     """Run ``python *argv`` as the 2 ranks of a gloo group; fail (never hang) when one
-    fails or overruns."""
+    fails or overruns.
+
+    Each rank writes to a file of its own, not to a pipe: a rank that wrote more than a
+    pipe's buffer (64 KiB: DeepSpeed and the Trainer log a lot) while this process waited
+    on the other rank would block in ``write`` with the other rank waiting for it in a
+    collective, a deadlock that only the timeout ends."""
     port = free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            LOCAL_WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, *argv],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
+    deadline = time.monotonic() + timeout
+    with tempfile.TemporaryDirectory() as logs_dir:
+        procs, files = [], []
+        for rank in range(WORLD):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(WORLD),
+                LOCAL_WORLD_SIZE=str(WORLD),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
             )
-        )
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+            files.append(open(os.path.join(logs_dir, f"rank{rank}.log"), "w+"))  # noqa: SIM115
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *argv], env=env, stdout=files[-1], stderr=subprocess.STDOUT
+                )
+            )
+        try:
+            for p in procs:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            logs = []
+            for f in files:
+                f.seek(0)
+                logs.append(f.read())
+                f.close()
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} of {what} failed:\n{log[-4000:]}"
 
