@@ -30,6 +30,8 @@ _PER_RANK_SETTINGS = ("distributed", "dist_timeout_s", "dist_bucket_mb", "backen
 
 def is_fsdp(model: nn.Module | None) -> bool:
     """True for a module wrapped by FSDP2's ``fully_shard``."""
+    if model is None or not dist.is_available():  # a torch built without distributed
+        return False
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
