@@ -246,3 +246,56 @@ def _check_layout(engine, state: dict, file: Path) -> None:
             f"{file} has a layout of {len(saved)} segments, this engine {len(now)}; they first "
             f"differ at segment {at}: resume with the same granularity and trainable set"
         )
+
+
+# ---------------------------------------------------------------------- per-rank shards
+
+
+def save_per_rank(engine, path: Path, write_shards, keys: tuple[str, ...]) -> Path:
+    """The commit protocol of a strategy whose ranks each hold shards (every rank calls it).
+
+    Every rank writes its RNG file and, through ``write_shards(generation)`` (a collective
+    of the wrapper's, returning the directory it wrote), its shards under a new
+    generation's names; then rank 0 commits ``state.pt`` (with ``keys`` of the engine),
+    and only then are older generations removed: the shard directory's siblings named
+    like it (``<prefix>-<generation>``), the tensors files, and each rank's RNG files.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    generation = next_generation(path, "state")  # read by every rank before the shards sync
+    rng_tensors: dict[str, torch.Tensor] = {}
+    rng = {"format": FORMAT, "rng": split_tensors(rng_state(), "rng", rng_tensors)}
+    rng_name = f"rng-{rank}-{generation}"
+    write_generation(path, rng_name, rng_name, rng, rng_tensors, engine.step_count, generation)
+    shards = write_shards(generation)
+    dist.barrier()  # every rank's files are complete before the commit
+    if rank == 0:
+        tensors: dict[str, torch.Tensor] = {}
+        state = engine_state(engine, tensors, keys)
+        write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
+    dist.barrier()  # committed: older generations can go
+    if rank == 0:
+        prefix = shards.name.rsplit("-", 1)[0]
+        prune(shards.parent, f"{prefix}-*", shards.name)
+        prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
+        prune(path, ".*.tmp-*")  # left by saves that were killed
+    prune(path, f"rng-{rank}-*", f"{rng_name}.pt", f"{rng_name}-{generation}.safetensors")
+    return path
+
+
+def load_per_rank(engine, path: Path, load_shards, keys: tuple[str, ...]) -> None:
+    """Load what :func:`save_per_rank` wrote: ``state.pt``, this rank's RNG file and the
+    engine's ``keys`` are read and checked before ``load_shards(generation)`` changes
+    anything."""
+    import torch.distributed as dist
+
+    state, tensors = read_checked(engine, path)
+    generation = state["generation"]
+    rng, rng_tensors = read_verified(path, f"rng-{dist.get_rank()}-{generation}")
+    staged = {key: stage(engine, key, state, tensors, path / STATE) for key in keys}
+    rng = join_tensors(rng["rng"], rng_tensors)
+    load_shards(generation)
+    apply_staged(engine, staged)
+    set_rng_state(rng)
+    engine.step_count = state["step"]

@@ -15,26 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from ..checkpoint import (
-    STATE,
-    CheckpointError,
-    engine_state,
-    read_checked,
-    rng_state,
-    set_rng_state,
-)
-from ..checkpoint_files import (
-    FORMAT,
-    join_tensors,
-    next_generation,
-    prune,
-    read_verified,
-    split_tensors,
-    write_generation,
-)
+from ..checkpoint import STATE, CheckpointError, load_per_rank, save_per_rank
 
 DS_DIR = "deepspeed"
 
@@ -44,42 +25,25 @@ def _tag(generation: int) -> str:
 
 
 def save_deepspeed(engine, ds_engine: Any, path: Path) -> Path:
-    rank = dist.get_rank()
-    generation = next_generation(path, "state")  # read by every rank before the engine syncs
-    rng_tensors: dict[str, torch.Tensor] = {}
-    rng = {"format": FORMAT, "rng": split_tensors(rng_state(), "rng", rng_tensors)}
-    rng_name = f"rng-{rank}-{generation}"
-    write_generation(path, rng_name, rng_name, rng, rng_tensors, engine.step_count, generation)
-    ds_engine.save_checkpoint(str(path / DS_DIR), tag=_tag(generation), save_latest=False)
-    dist.barrier()  # every rank's files are complete before the commit
-    if rank == 0:
-        tensors: dict[str, torch.Tensor] = {}
-        state = engine_state(engine, tensors, ())
-        write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
-    dist.barrier()  # committed: older generations can go
-    if rank == 0:
-        prune(path / DS_DIR, "gen-*", _tag(generation))
-        prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
-        prune(path, ".*.tmp-*")  # left by saves that were killed
-    prune(path, f"rng-{rank}-*", f"{rng_name}.pt", f"{rng_name}-{generation}.safetensors")
-    return path
+    def write_shards(generation: int) -> Path:
+        ds_engine.save_checkpoint(str(path / DS_DIR), tag=_tag(generation), save_latest=False)
+        return path / DS_DIR / _tag(generation)
+
+    return save_per_rank(engine, path, write_shards, ())
 
 
 def load_deepspeed(engine, ds_engine: Any, path: Path) -> None:
-    state, _ = read_checked(engine, path)
-    generation = state["generation"]
-    rng, rng_tensors = read_verified(path, f"rng-{dist.get_rank()}-{generation}")
-    rng = join_tensors(rng["rng"], rng_tensors)
-    where = path / DS_DIR / _tag(generation)
-    if not where.is_dir():
-        raise CheckpointError(f"{path / STATE} names DeepSpeed's {where}, which is missing")
-    loaded, _ = ds_engine.load_checkpoint(
-        str(path / DS_DIR),
-        tag=_tag(generation),
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed could not load its checkpoint from {where}")
-    set_rng_state(rng)
-    engine.step_count = state["step"]
+    def load_shards(generation: int) -> None:
+        where = path / DS_DIR / _tag(generation)
+        if not where.is_dir():
+            raise CheckpointError(f"{path / STATE} names DeepSpeed's {where}, which is missing")
+        loaded, _ = ds_engine.load_checkpoint(
+            str(path / DS_DIR),
+            tag=_tag(generation),
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load its checkpoint from {where}")
+
+    load_per_rank(engine, path, load_shards, ())

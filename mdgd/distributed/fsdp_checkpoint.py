@@ -16,26 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from ..checkpoint import (
-    STATE,
-    apply_staged,
-    engine_state,
-    read_checked,
-    rng_state,
-    set_rng_state,
-    stage,
-)
-from ..checkpoint_files import (
-    FORMAT,
-    join_tensors,
-    next_generation,
-    prune,
-    read_verified,
-    split_tensors,
-    write_generation,
-)
+from ..checkpoint import load_per_rank, save_per_rank
 
 DCP_DIR = "dcp"
 
@@ -95,38 +77,22 @@ def load_sharded(
 
 
 def save_fsdp(engine, path: Path) -> Path:
-    """Every rank writes its RNG file and its DCP shard under a new generation's names;
-    then rank 0 commits ``state.pt``, and only then are older generations removed."""
-    rank = dist.get_rank()
-    generation = next_generation(path, "state")  # read by every rank before dcp.save syncs them
-    rng_tensors: dict[str, torch.Tensor] = {}
-    rng = {"format": FORMAT, "rng": split_tensors(rng_state(), "rng", rng_tensors)}
-    rng_name = f"rng-{rank}-{generation}"
-    write_generation(path, rng_name, rng_name, rng, rng_tensors, engine.step_count, generation)
-    save_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{generation}")
-    dist.barrier()  # every rank's files are complete before the commit
-    if rank == 0:
-        tensors: dict[str, torch.Tensor] = {}
-        state = engine_state(engine, tensors, ("lr_scheduler", "scaler"))
-        write_generation(path, "tensors", "state", state, tensors, engine.step_count, generation)
-    dist.barrier()  # committed: older generations can go
-    if rank == 0:
-        prune(path, f"{DCP_DIR}-*", f"{DCP_DIR}-{generation}")
-        prune(path, "tensors-*.safetensors", f"tensors-{generation}.safetensors")
-        prune(path, ".*.tmp-*")  # left by saves that were killed
-    prune(path, f"rng-{rank}-*", f"{rng_name}.pt", f"{rng_name}-{generation}.safetensors")
-    return path
+    """Every rank writes its DCP shard under a new generation's name
+    (:func:`mdgd.checkpoint.save_per_rank` commits and prunes)."""
+
+    def write_shards(generation: int) -> Path:
+        shards = path / f"{DCP_DIR}-{generation}"
+        save_sharded(engine.model, engine.optimizer, shards)
+        return shards
+
+    return save_per_rank(engine, path, write_shards, ("lr_scheduler", "scaler"))
 
 
 def load_fsdp(engine, path: Path) -> None:
     """Load what :func:`save_fsdp` wrote: everything is read and checked before anything
     changes."""
-    state, tensors = read_checked(engine, path)
-    rng, rng_tensors = read_verified(path, f"rng-{dist.get_rank()}-{state['generation']}")
-    keys = ("lr_scheduler", "scaler")
-    staged = {key: stage(engine, key, state, tensors, path / STATE) for key in keys}
-    rng = join_tensors(rng["rng"], rng_tensors)
-    load_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{state['generation']}")
-    apply_staged(engine, staged)
-    set_rng_state(rng)
-    engine.step_count = state["step"]
+
+    def load_shards(generation: int) -> None:
+        load_sharded(engine.model, engine.optimizer, path / f"{DCP_DIR}-{generation}")
+
+    load_per_rank(engine, path, load_shards, ("lr_scheduler", "scaler"))
