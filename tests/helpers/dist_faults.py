@@ -55,8 +55,14 @@ def poison(model, fault: str):
 
 def one_case(rank: int, dmode: str, nonfinite: str, fault: str) -> dict:
     theta, engine = build(dmode, mode="mdgd", nonfinite=nonfinite, dist_timeout_s=60)
+    return run_fault(theta, engine, rank, fault, lambda e: full_flat(theta, e.param_names))
+
+
+def run_fault(theta, engine, rank: int, fault: str, params) -> dict:
+    """A step, then one with rank 1 poisoned (``fault``), then one more; ``params(engine)``
+    gives the trainable parameters flat (gathered where the strategy shards them)."""
     engine.step(batch_for(theta.config, rank, 0))
-    before = full_flat(theta, engine.param_names)
+    before = params(engine)
     handle = poison(theta, fault) if rank == 1 else None
     out = {"error": None, "figures": None}
     try:
@@ -65,10 +71,24 @@ def one_case(rank: int, dmode: str, nonfinite: str, fault: str) -> dict:
         out["error"] = str(e)
     if handle is not None:
         handle.remove()
-    out["unchanged"] = torch.equal(full_flat(theta, engine.param_names), before)
+    out["unchanged"] = torch.equal(params(engine), before)
     engine.step(batch_for(theta.config, rank, 2))  # the ranks still step together
-    out["after"] = full_flat(theta, engine.param_names)
+    out["after"] = params(engine)
     return out
+
+
+def assert_fault_handled(ranks: list[dict], nonfinite: str) -> None:
+    """Every rank skipped (or raised) the poisoned step, kept its parameters, and the ranks
+    stepped on together, identical."""
+    for rank, res in enumerate(ranks):
+        if nonfinite == "raise":
+            assert res["error"] and "non-finite" in res["error"], f"rank {rank}: {res}"
+        else:
+            assert res["error"] is None and res["figures"]["skipped"] == 1.0, f"rank {rank}"
+        assert res["unchanged"], f"rank {rank} moved its parameters on a non-finite step"
+    a, b = (r["after"] for r in ranks)
+    assert torch.equal(a, b), "the ranks' parameters differ after the next step"
+    assert torch.isfinite(a).all()
 
 
 def scenario_faults(rank: int, world: int, out: str) -> None:

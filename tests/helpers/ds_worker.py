@@ -295,7 +295,7 @@ def scenario_faults(rank: int, world: int, out: str) -> None:
     """ZeRO-3 and ZeRO-2, ``nonfinite`` "skip" and "raise": rank 1's gradients only get a
     NaN (or its loss only is NaN; ``dist_faults.poison``); every rank must skip (or
     raise), leave the parameters unchanged and go on stepping together."""
-    from dist_faults import poison
+    from dist_faults import run_fault
 
     results = {}
     for stage in (3, 2):
@@ -310,20 +310,9 @@ def scenario_faults(rank: int, world: int, out: str) -> None:
                 )
                 cfg = MDGDConfig(trainable=pats, nonfinite=nonfinite, dist_timeout_s=60)
                 engine = MDGDEngine(model, ref_model, None, cfg)
-                names = engine.param_names
-                engine.step(batch_for(theta.config, rank, 0))
-                before = capture(engine, names)["params"]
-                handle = poison(theta, fault) if rank == 1 else None
-                res = {"error": None, "figures": None}
-                try:
-                    res["figures"] = engine.step(batch_for(theta.config, rank, 1))
-                except FloatingPointError as e:
-                    res["error"] = str(e)
-                if handle is not None:
-                    handle.remove()
-                res["unchanged"] = torch.equal(capture(engine, names)["params"], before)
-                engine.step(batch_for(theta.config, rank, 2))  # the ranks still step together
-                res["after"] = capture(engine, names)["params"]
+                res = run_fault(
+                    theta, engine, rank, fault, lambda e: capture(e, e.param_names)["params"]
+                )
                 results[stage, nonfinite, fault] = res
     torch.save(results, os.path.join(out, f"faults-{rank}.pt"))
 
