@@ -99,6 +99,68 @@ def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, device=None, *
     return model.to(dtype)
 
 
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<image>", "<unk>"]  # ids PAD_ID .. IMAGE_TOKEN_ID
+# LLaVA-1.5's conversation format; the answer ends with </s>
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{{ ' ' }}"
+    "{% else %}{{ 'ASSISTANT: ' }}"
+    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{{ '</s>' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def with_specials(tokenizer, chat_template: str = LLAVA_CHAT_TEMPLATE):
+    """``tokenizer`` with :data:`SPECIAL_TOKENS` as pad/bos/eos/unk/image, and the template."""
+    tokenizer.add_special_tokens(
+        {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def word_tokenizer(words: list[str], chat_template: str = LLAVA_CHAT_TEMPLATE):
+    """A word-level fast tokenizer over :data:`SPECIAL_TOKENS` and ``words``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + sorted(set(words) - set(SPECIAL_TOKENS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return with_specials(PreTrainedTokenizerFast(tokenizer_object=tok), chat_template)
+
+
+def save_tiny_llava_checkpoint(path, words: list[str], seed: int = 0, **config_kwargs):
+    """A tiny LLaVA-1.5 checkpoint ``mdgd train --model`` loads: :func:`tiny_llava`, a
+    :func:`word_tokenizer` over ``words``, a 16-pixel CLIP image processor and the
+    LLaVA-1.5 chat template, saved with ``save_pretrained`` in ``path``."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = word_tokenizer(words)
+    config_kwargs.setdefault("image_size", 16)
+    side = config_kwargs["image_size"]
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        ),
+        tokenizer=tokenizer,
+        patch_size=config_kwargs.get("patch_size", 8),
+        vision_feature_select_strategy="default",
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
+    )
+    model = tiny_llava(seed, vocab_size=len(tokenizer), **config_kwargs)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
 def num_image_tokens(config) -> int:
     vc = config.vision_config
     return (vc.image_size // vc.patch_size) ** 2

@@ -29,6 +29,16 @@ from mdgd_kernels.reference import (
 
 register_profiles()
 
+
+def pytest_configure(config):
+    """The data-index cache of ``mdgd train`` goes to a folder of this session (subprocesses
+    inherit it), not the user's ~/.cache."""
+    if "MDGD_DATA_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["MDGD_DATA_CACHE"] = tempfile.mkdtemp(prefix="mdgd-data-cache-")
+
+
 # One tolerance table for every op test: relative to the scale of the terms of
 # each segment. The direction is computed in float32 and rounded once to the
 # buffer dtype, so the dtype's rounding dominates below float32.

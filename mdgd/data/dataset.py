@@ -1,4 +1,4 @@
-"""LlavaDataset: a LLaVA-format file checked, tokenized and truncated up front."""
+"""LlavaDataset: a LLaVA-format file indexed once (:mod:`mdgd.data.index`), read lazily."""
 
 from __future__ import annotations
 
@@ -8,25 +8,39 @@ from pathlib import Path
 
 import torch
 
-from .records import PLACEHOLDER, DataError, image_files, load_records, sample_name, to_messages
-from .tokens import Encoded, encode, first_special, render, token_ids, truncate
+from .index import Builder, TokenBound, cache_key, cached_index, default_cache_dir
+from .records import PLACEHOLDER, DataError, image_files, sample_name, to_messages
+from .scan import data_files, read_sample
+from .tokens import SKIPPED, Encoded, encode, first_special, render, truncate
+
+BAD_SAMPLE = ("raise", "skip")
+MAX_SKIPS = 100  # bad samples in a row before a skipping dataset gives up
 
 
 class LlavaDataset(torch.utils.data.Dataset):
     """A LLaVA-format file tokenized with ``processor`` (the format: :mod:`mdgd.data`).
 
-    Building it checks every sample (structure, image files, ``<image>`` counts)
-    and tokenizes its text, so that bad input fails before training and the
-    samples truncation drops are known. It reads only the images' headers: the
-    image tokens are counted with the processor's own formula, once checked
-    against a full encoding of the first sample with an image (when they differ,
-    every image is processed up front instead, with a warning). ``__getitem__``
-    encodes a sample in full, images included.
+    Building it indexes the file (:mod:`mdgd.data.index`): every sample is
+    checked (structure, roles, image files, ``<image>`` counts) and its length
+    bounded, without tokenizing it, and the index is cached in ``cache_dir``
+    (default :func:`~mdgd.data.index.default_cache_dir`; ``cache=False``: none), so a
+    relaunch or a second rank loads it. Samples are read from the file, their
+    images decoded and tokenized in ``__getitem__``, i.e. in the DataLoader workers.
+
+    ``path`` is a JSON list, a JSON Lines file, or LLaVA-NeXT's YAML list of them.
+
+    A sample that fails in ``__getitem__`` (an image that does not decode, a
+    template that refuses it) raises a :class:`DataError` naming it
+    (``on_bad_sample="raise"``), or is replaced by the next sample of the same
+    modality and counted in the batch's ``mdgd_skipped_samples``
+    (``on_bad_sample="skip"``, which also leaves out samples that fail the
+    checks at start-up: :attr:`invalid`).
 
     Attributes:
-        records: the kept samples (dicts as in the file, plus ``_index``: the position
-            in the file).
-        dropped: indices (in the file) of the samples dropped for ``max_length``.
+        modality_lengths: per kept sample, its word count, negated when it has no
+            image (LLaVA's lengths for ``group_by_modality_length``).
+        dropped: the samples (named) truncation to ``max_length`` would empty.
+        invalid: why each sample left out by ``on_bad_sample="skip"`` went.
         num_text_only: kept samples without an image.
     """
 
@@ -37,11 +51,22 @@ class LlavaDataset(torch.utils.data.Dataset):
         image_folder: str | os.PathLike | None = None,
         max_length: int | None = None,
         image_token_id: int | None = None,
+        *,
+        on_bad_sample: str = "raise",
+        cache_dir: str | os.PathLike | None = None,
+        cache: bool = True,
+        progress: bool = True,
     ) -> None:
+        if on_bad_sample not in BAD_SAMPLE:
+            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE}, got {on_bad_sample!r}")
         self.path = Path(path)
+        self.files = data_files(self.path)
         self.processor = processor
-        self.image_folder = Path(image_folder) if image_folder is not None else self.path.parent
+        self.image_folder = (
+            Path(image_folder) if image_folder is not None else self.files[0].path.parent
+        )
         self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
         self.image_token = getattr(processor, "image_token", None)
         if self.image_token is None:
             raise DataError(
@@ -51,129 +76,150 @@ class LlavaDataset(torch.utils.data.Dataset):
             image_token_id = processor.tokenizer.convert_tokens_to_ids(self.image_token)
         self.image_token_id = image_token_id
         self._first = first_special(processor)
-        self._fast: bool | None = None  # image-token counts trusted? (decided on first image)
-        self.records: list[dict] = []
-        self.dropped: list[int] = []
-        for i, rec in enumerate(load_records(self.path)):
-            if self._fits(i, rec):
-                self.records.append(dict(rec, _index=i))
-            else:
-                self.dropped.append(i)
+        self._handles: dict[int, object] = {}
+        self._pid = os.getpid()
+        self.index = self._load_index(cache_dir if cache else False, progress)
+        self.modality_lengths = self.index.lengths
+        self.dropped = self.index.dropped
+        self.invalid = self.index.invalid
+        if self.invalid:
+            warnings.warn(
+                f"{self.path}: left out {len(self.invalid)} bad sample(s) (--on-bad-sample "
+                f"skip); the first: {self.invalid[0]}",
+                stacklevel=2,
+            )
         if self.dropped:
             warnings.warn(
                 f"{self.path}: dropped {len(self.dropped)} of {len(self.dropped) + len(self)} "
                 f"sample(s) whose answers do not fit in max_length={max_length} tokens "
-                f"(first: {sample_name(self.dropped[0], {})}); raise --max-length to keep them",
+                f"(first: {self.dropped[0]}); raise --max-length to keep them",
                 stacklevel=2,
             )
-        if not self.records:
+        if len(self) == 0:
             raise DataError(f"{self.path}: no sample left after truncation to {max_length} tokens")
-        self.num_text_only = sum(1 for r in self.records if not image_files(r))
+        self.num_text_only = int((self.modality_lengths < 0).sum())
+
+    def _load_index(self, cache_dir, progress: bool):
+        bounds = TokenBound(self.processor, self._first)
+        builder = Builder(
+            self.image_folder,
+            self.processor,
+            bounds,
+            self.max_length,
+            self.image_token_id,
+            self.on_bad_sample == "skip",
+            self._encode_record,
+        )
+        if cache_dir is None:
+            cache_dir = default_cache_dir()
+        key = cache_key(
+            self.files,
+            self.image_folder,
+            self.processor,
+            max_length=self.max_length,
+            image_token_id=self.image_token_id,
+            on_bad_sample=self.on_bad_sample,
+        )
+        where = Path(cache_dir) if cache_dir is not False else None
+        return cached_index(self.files, builder, where, key, progress)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.index.offset)
 
-    def _paths(self, index: int, rec: dict) -> list[Path]:
-        paths = [self.image_folder / name for name in image_files(rec)]
-        for path in paths:
-            if not path.is_file():
-                raise DataError(f"{self.path}: {sample_name(index, rec)}: image not found: {path}")
-        return paths
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _handles={})  # file handles stay in their process
 
-    def _open(self, index: int, rec: dict, convert: bool) -> list:
-        """The sample's images (RGB), or with ``convert=False`` their (height, width) only."""
+    # ------------------------------------------------------------------ one sample
+
+    def _file(self, i: int):
+        if self._pid != os.getpid():  # a forked worker: its own handles, not the parent's offsets
+            self._handles, self._pid = {}, os.getpid()
+        fid = int(self.index.file_id[i])
+        if fid not in self._handles:
+            self._handles[fid] = open(self.index.files[fid], "rb")  # noqa: SIM115
+        return self._handles[fid]
+
+    def name(self, i: int, rec: dict | None = None) -> str:
+        """``data.json: sample 12 (id 'abc')``: how messages name kept sample ``i``."""
+        return f"{self.index.files[int(self.index.file_id[i])]}: " + sample_name(
+            int(self.index.position[i]), rec if rec is not None else {}
+        )
+
+    def record(self, i: int) -> dict:
+        """Kept sample ``i`` as in the file."""
+        return read_sample(self._file(i), int(self.index.offset[i]), int(self.index.size[i]))
+
+    def _open(self, rec: dict) -> list:
+        """The sample's images, decoded to RGB (a DataError names an unreadable one)."""
         from PIL import Image, UnidentifiedImageError
 
         out = []
-        for path in self._paths(index, rec):
+        for name in image_files(rec):
+            path = self.image_folder / name
             try:
-                with Image.open(path) as im:  # reads the header; convert() decodes
-                    out.append(im.convert("RGB") if convert else (im.height, im.width))
+                with Image.open(path) as im:
+                    out.append(im.convert("RGB"))  # decodes the whole image
             except (OSError, UnidentifiedImageError) as e:
-                raise DataError(
-                    f"{self.path}: {sample_name(index, rec)}: cannot read image {path} ({e})"
-                ) from None
+                raise DataError(f"cannot read image {path} ({e})") from None
         return out
 
-    def _messages(self, index: int, rec: dict) -> list[dict]:
-        files = image_files(rec)
+    def _messages(self, rec: dict) -> list[dict]:
         count = sum(t["value"].count(PLACEHOLDER) for t in rec["conversations"])
-        if count != len(files):
+        if count != len(image_files(rec)):  # checked at start-up; the file may have changed
             raise DataError(
-                f"{self.path}: {sample_name(index, rec)}: {count} {PLACEHOLDER} placeholder(s) in "
-                f"the conversation but {len(files)} image(s)"
+                f"{count} {PLACEHOLDER} placeholder(s) but {len(image_files(rec))} image(s)"
             )
         return to_messages(rec["conversations"])
 
-    def _named(self, index: int, rec: dict, build):
+    def _encode_record(self, path, position, rec: dict) -> Encoded:
+        return encode(self.processor, self._messages(rec), self._open(rec), self._first)
+
+    def _item(self, i: int) -> Encoded:
+        rec = self.record(i)
         try:
-            return build()
+            enc = self._encode_record(None, None, rec)
+            if self.max_length is not None:
+                enc = truncate(enc, self.max_length, self.image_token_id)
+                if enc is None:
+                    raise DataError(f"no answer left after truncation to {self.max_length} tokens")
         except DataError as e:
-            raise DataError(f"{self.path}: {sample_name(index, rec)}: {e}") from None
-
-    def _encode(self, index: int, rec: dict) -> Encoded:
-        messages, images = self._messages(index, rec), self._open(index, rec, convert=True)
-        return self._named(
-            index, rec, lambda: encode(self.processor, messages, images, self._first)
-        )
-
-    def _counted(self, index: int, rec: dict, sizes: list[tuple[int, int]]) -> Encoded:
-        counts = []
-        if sizes:
-            counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
-        messages = self._messages(index, rec)
-        return self._named(
-            index, rec, lambda: token_ids(self.processor, messages, list(counts), self._first)
-        )
-
-    def _fits(self, index: int, rec: dict) -> bool:
-        """Check sample ``index``; False when truncation to ``max_length`` drops it."""
-        sizes = self._open(index, rec, convert=False)
-        if sizes and self._fast is None:
-            self._fast = self._counts_match(index, rec, sizes)
-        if sizes and not self._fast:
-            enc = self._encode(index, rec)
-        else:
-            enc = self._counted(index, rec, sizes)
-        if self.max_length is None:
-            return True
-        return truncate(enc, self.max_length, self.image_token_id) is not None
-
-    def _counts_match(self, index: int, rec: dict, sizes: list[tuple[int, int]]) -> bool:
-        full = self._encode(index, rec)
-        try:
-            counted = self._counted(index, rec, sizes)
-        except (AttributeError, NotImplementedError, TypeError, IndexError):
-            counted = None
-        same = counted is not None and all(torch.equal(full[k], counted[k]) for k in counted)
-        if not same:
-            warnings.warn(
-                f"{type(self.processor).__name__}'s image-token count could not be predicted: "
-                "every image is read and processed while the dataset is built (slower start-up)",
-                stacklevel=3,
-            )
-        return same
+            raise DataError(f"{self.name(i, rec)}: {e}") from None
+        except Exception as e:  # the template, the processor or an image refused the sample
+            raise DataError(f"{self.name(i, rec)}: {type(e).__name__}: {e}") from None
+        return enc
 
     def __getitem__(self, i: int) -> Encoded:
-        rec = self.records[i]
-        enc = self._encode(rec["_index"], rec)
-        if self.max_length is not None:
-            enc = truncate(enc, self.max_length, self.image_token_id)
-        if enc is None:  # the file changed under us
-            raise DataError(
-                f"{self.path}: {sample_name(rec['_index'], rec)} no longer fits max_length"
-            )
-        return enc
+        if self.on_bad_sample == "raise":
+            return self._item(i)
+        text_only = self.modality_lengths[i] < 0
+        for skipped in range(MAX_SKIPS):
+            try:
+                enc = self._item(i)
+            except DataError as e:
+                warnings.warn(f"skipped a bad sample (--on-bad-sample skip): {e}", stacklevel=2)
+                last, i = e, self._next_alike(i, text_only)
+                continue
+            if skipped:
+                enc[SKIPPED] = torch.tensor(skipped)
+            return enc
+        raise DataError(f"{self.path}: {MAX_SKIPS} bad samples in a row; the last: {last}")
+
+    def _next_alike(self, i: int, text_only: bool) -> int:
+        """The next kept sample after ``i`` (cyclically) of the same modality."""
+        same = (self.modality_lengths < 0) == text_only
+        later = same.nonzero()[0]
+        after = later[later > i]
+        return int(after[0] if len(after) else later[0])
 
     def prompt(self, i: int) -> tuple[dict[str, torch.Tensor], str]:
         """The inputs of sample ``i``'s first prompt (with generation prompt), and its answer."""
-        rec = self.records[i]
-        messages = self._messages(rec["_index"], rec)
+        rec = self.record(i)
+        messages = self._messages(rec)
         a = next(k for k, m in enumerate(messages) if m["role"] == "assistant")
         answer = " ".join(p["text"] for p in messages[a]["content"] if p["type"] == "text")
         text = render(self.processor, messages[:a], generation_prompt=True)
         n = text.count(self.image_token)
-        images = self._open(rec["_index"], rec, convert=True)[:n]
+        images = self._open(rec)[:n]
         inputs = self.processor(
             text=[text], images=images or None, add_special_tokens=self._first, return_tensors="pt"
         )

@@ -6,7 +6,6 @@ id) or the line.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,35 +24,29 @@ PLACEHOLDER = "<image>"  # LLaVA's image placeholder in the data, whatever the p
 class DataError(ValueError):
     """Bad training data: the message names the file, the sample and what is wrong."""
 
+    def __init__(self, message: str) -> None:
+        # torch's DataLoader re-raises a worker's exception as ``type(e)(text)``, where the
+        # text is the worker's whole traceback; keep only the message it ends with, so
+        # that `mdgd train` still prints one line naming the sample
+        marker = f"{__name__}.{type(self).__qualname__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
 
 def load_records(path: str | os.PathLike) -> list[dict]:
-    """The samples of a LLaVA-format JSON or JSON Lines file, checked for structure."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{"):
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno}: not valid JSON ({e.msg})") from None
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})"
-            ) from None
-        if not isinstance(records, list):
-            raise DataError(
-                f"{path}: expected a JSON list of samples, got {type(records).__name__}"
-            )
-    for i, rec in enumerate(records):
-        _check_record(path, i, rec)
+    """The samples of a LLaVA-format JSON or JSON Lines file, checked for structure, in memory.
+
+    For small files (e.g. ``--eval-data``); :class:`mdgd.data.LlavaDataset` reads large
+    ones lazily.
+    """
+    from .scan import data_files, file_samples
+
+    records = []
+    for file in data_files(path):
+        for i, _, _, rec in file_samples(file):
+            check_record(file.path, i, rec)
+            records.append(rec)
     if not records:
         raise DataError(f"{path}: no samples")
     return records
@@ -65,7 +58,8 @@ def sample_name(index: int, rec: Any) -> str:
     return f"sample {index}" + (f" (id {sid!r})" if sid is not None else "")
 
 
-def _check_record(path: Path, i: int, rec: Any) -> None:
+def check_record(path: Path, i: int, rec: Any) -> None:
+    """Raise a DataError naming sample ``i`` of ``path`` unless it is a well-formed sample."""
     where = f"{path}: {sample_name(i, rec)}"
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected an object with 'conversations', got {rec!r:.60}")
@@ -82,6 +76,13 @@ def _check_record(path: Path, i: int, rec: Any) -> None:
             )
     if not any(ROLES[turn["from"]] == "assistant" for turn in conv):
         raise DataError(f"{where}: no assistant ('gpt') turn, nothing to learn from")
+    first = next((turn for turn in conv if ROLES[turn["from"]] != "system"), None)
+    if first is not None and ROLES[first["from"]] == "assistant":
+        raise DataError(
+            f"{where}: the conversation starts with an assistant ({first['from']!r}) turn: "
+            "the first turn after any system turn must be the user's ('human'), which the "
+            "assistant answers"
+        )
     image = rec.get("image")
     if image is not None and not (
         isinstance(image, str)

@@ -13,6 +13,7 @@ import torch
 from .records import DataError
 
 IGNORE = -100
+SKIPPED = "mdgd_skipped_samples"  # batch key: bad samples replaced (--on-bad-sample skip)
 
 
 def render(processor, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -95,19 +96,49 @@ def encode(processor, messages: list[dict], images: list, first_special: bool) -
     return enc
 
 
-def token_ids(processor, messages: list[dict], counts: list[int], first_special: bool) -> Encoded:
+def token_ids(
+    processor,
+    messages: list[dict],
+    counts: list[int],
+    first_special: bool,
+    pieces: list[tuple[str, bool]] | None = None,
+) -> Encoded:
     """``input_ids`` and ``labels`` of :func:`encode` without reading an image.
 
     Each image token is repeated ``counts[i]`` times (``processor._get_num_multimodal_tokens``),
     which is how LLaVA-style processors expand it; :class:`LlavaDataset` checks that
-    on its first sample with an image before relying on it.
+    on its first sample with an image before relying on it. ``pieces``: the
+    conversation's :func:`chunks`, when the caller has them.
     """
     tok = processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(processor.image_token)
+    pieces = chunks(processor, messages) if pieces is None else pieces
+    texts = [text for text, _ in pieces]
+    ids = encode_texts(tok, texts[:1], first_special) + encode_texts(tok, texts[1:], False)
+    return assemble(pieces, ids, counts, tok.convert_tokens_to_ids(processor.image_token))
+
+
+def encode_texts(tok, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """``tok(texts)["input_ids"]``: one batched call (the Rust tokenizer's own, when fast)."""
+    if not texts:
+        return []
+    if getattr(tok, "is_fast", False):  # what tok(texts) calls, without its per-call overhead
+        return [
+            e.ids
+            for e in tok.backend_tokenizer.encode_batch(
+                texts, add_special_tokens=add_special_tokens
+            )
+        ]
+    return tok(texts, add_special_tokens=add_special_tokens)["input_ids"]
+
+
+def assemble(
+    pieces: list[tuple[str, bool]], ids_per_piece: list[list[int]], counts: list[int], image_id: int
+) -> Encoded:
+    """``input_ids`` and ``labels`` from each piece's ids, image tokens repeated ``counts[i]``."""
     ids_out, labels, used = [], [], 0
-    for k, (text, supervised) in enumerate(chunks(processor, messages)):
+    for (_, supervised), piece_ids in zip(pieces, ids_per_piece):
         ids = []
-        for t in tok(text, add_special_tokens=first_special and k == 0)["input_ids"]:
+        for t in piece_ids:
             if t == image_id:
                 ids += [t] * counts[used]
                 used += 1
@@ -141,7 +172,14 @@ def first_special(processor) -> bool:
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded samples into a batch (labels with -100, masks with 0)."""
+    """Right-pad a list of encoded samples into a batch (labels with -100, masks with 0).
+
+    Samples a skipping dataset replaced (their count under :data:`SKIPPED`) are summed
+    into the batch's ``SKIPPED`` entry, which :class:`~mdgd.integrations.hf.MDGDTrainer`
+    takes out before the forward.
+    """
+    skipped = sum(int(s[SKIPPED]) for s in samples if SKIPPED in s)
+    samples = [{k: v for k, v in s.items() if k != SKIPPED} for s in samples]
     length = max(s["input_ids"].shape[0] for s in samples)
     batch: dict[str, torch.Tensor] = {}
     token_keys = [
@@ -160,6 +198,8 @@ def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     for key in sorted(image_keys):
         parts = [s[key] for s in samples if key in s]
         batch[key] = cat_padded(parts)
+    if skipped:
+        batch[SKIPPED] = torch.tensor(skipped)
     return batch
 
 

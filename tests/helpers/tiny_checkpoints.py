@@ -24,25 +24,17 @@ import numpy as np
 import torch
 from vlm_tiny import TEXT, VIT
 
+from mdgd import testing
+from mdgd.testing import LLAVA_CHAT_TEMPLATE, SPECIAL_TOKENS
+
 IMAGE_TOKEN = "<image>"
-SPECIALS = ["<pad>", "<s>", "</s>", IMAGE_TOKEN, "<unk>"]
+SPECIALS = SPECIAL_TOKENS
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "black": (5, 5, 5)}
 SHAPES = ("square", "dot")
 WORDS = ["one", "two", "three", "four", "five", "six"]
 N_SAMPLES = 48
 
-# LLaVA-1.5's conversation format; the answer ends with </s>
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ 'USER: ' }}"
-    "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '<image>\n' }}{% else %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{{ ' ' }}"
-    "{% else %}{{ 'ASSISTANT: ' }}"
-    "{% for part in message['content'] %}{{ part['text'] }}{% endfor %}{{ '</s>' }}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
+CHAT_TEMPLATE = LLAVA_CHAT_TEMPLATE
 
 
 def _picture(colour: str, shape: str, size: tuple[int, int], seed: int) -> np.ndarray:
@@ -113,14 +105,7 @@ def _vocabulary() -> list[str]:
 
 def word_tokenizer():
     """A word-level fast tokenizer over the dataset's words (readable token lists in tests)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(_vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return _fast(PreTrainedTokenizerFast(tokenizer_object=tok))
+    return testing.word_tokenizer(_vocabulary()[len(SPECIALS) :])
 
 
 def bpe_tokenizer():
@@ -143,12 +128,7 @@ def bpe_tokenizer():
 
 
 def _fast(tokenizer):
-    tokenizer.add_special_tokens(
-        {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return testing.with_specials(tokenizer, CHAT_TEMPLATE)
 
 
 def _clip():
