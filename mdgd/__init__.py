@@ -16,6 +16,7 @@ from .config import MDGDConfig, llava_trainable_patterns, mark_trainable
 from .distributed import deepspeed_models, shard_models
 from .engine import FIGURES, MDGDEngine
 from .recompute import recompute_layers
+from .reference import reference_model
 from .visual import ImageTokenHidden
 
 __version__ = "0.1.0"
@@ -29,5 +30,6 @@ __all__ = [
     "llava_trainable_patterns",
     "mark_trainable",
     "recompute_layers",
+    "reference_model",
     "shard_models",
 ]

@@ -4,7 +4,8 @@
   applied to both models, or theta's ``requires_grad`` flags);
 * :func:`check_same_architecture`: phi is theta's architecture and configuration;
 * :func:`matching_params`: phi's twins of theta's trainable parameters, separate
-  from theta's (phi's other parameters are frozen);
+  from theta's (phi's other parameters are frozen, and may be theta's own:
+  :func:`mdgd.reference_model`);
 * :func:`check_optimizer`: the optimizer holds theta's trainable parameters and
   none of phi's.
 """
@@ -85,8 +86,9 @@ def matching_params(
         shared = q_local.numel() > 0 and q_local.data_ptr() == p_local.data_ptr()
         if id(q) in theta_ids or shared:
             raise ValueError(
-                f"ref_model shares parameter {name!r} with model; pass a separate frozen copy "
-                "(e.g. copy.deepcopy(model) before training)"
+                f"ref_model shares parameter {name!r}, a trainable one, with model; pass a copy "
+                "made before training: mdgd.reference_model(model, trainable) once the "
+                "trainable set is final (it shares only frozen modules), or copy.deepcopy(model)"
             )
         out.append(q)
     trainable = {canonical_name(name) for name, _ in named}
@@ -104,7 +106,9 @@ def check_optimizer(
     """``optimizer`` holds every one of theta's trainable ``params`` and none of phi's."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if ref_model is not None:
-        bad = [n for n, p in ref_model.named_parameters() if id(p) in held]
+        # phi's frozen parameters may be theta's own (mdgd.reference_model): only phi's
+        # trainable ones, never theta's, mark a mistake
+        bad = [n for n, p in ref_model.named_parameters() if id(p) in held and p.requires_grad]
         if bad:
             raise ValueError(
                 f"the optimizer holds {len(bad)} parameter(s) of ref_model (e.g. {bad[0]}); "

@@ -6,12 +6,13 @@
 
 Per micro-batch (docs/math.md §1):
 
-1. forward theta and phi (``ref_model``) on the batch with hidden states; ``L_vl``
+1. forward theta and phi (``ref_model``) on the batch with hidden states (a frozen
+   vision tower the two share runs once for both: :mod:`mdgd.reference`); ``L_vl``
    of each from the labels, ``L_v = visual_weight * mean|pi_phi - pi_theta|`` over
    the image tokens (:mod:`mdgd.visual`);
 2. every trainable ``.grad`` of theta and phi is pointed at a view of its ``g``
    buffer and ``(L_vl(theta) + L_vl(phi)).backward(retain_graph=True)`` fills
-   ``g_theta`` and ``g_phi`` (their parameters are disjoint);
+   ``g_theta`` and ``g_phi`` (their trainable parameters are disjoint);
 3. the ``.grad`` are pointed at the ``h`` buffers and ``L_v.backward()`` fills
    ``h_theta`` and ``h_phi``.
 
@@ -60,6 +61,7 @@ from .config import MDGDConfig
 from .distributed import check_micro_batches, exchange_class, make_exchange, resolve_mode
 from .figures import FIGURES, conflict_per_param, figures_ft, figures_mdgd, selected_per_param
 from .recompute import is_recomputing, recompute_layers
+from .reference import shared_forward
 from .visual import ImageTokenHidden, VisualHook, visual_l1
 
 
@@ -68,8 +70,9 @@ class MDGDEngine:
 
     Args:
         model: theta, the model being trained.
-        ref_model: phi, the frozen pre-trained model (same architecture, separate
-            parameters). Never updated and never in the optimizer; only the
+        ref_model: phi, the frozen pre-trained model (same architecture), made before
+            training: :func:`mdgd.reference_model` (shares theta's frozen modules) or
+            ``copy.deepcopy(model)``. Never updated and never in the optimizer; only the
             parameters with theta's trainable names get gradients. Put in eval
             mode; when ``model`` has transformers' activation checkpointing on,
             phi's layers recompute too (:func:`mdgd.recompute.recompute_layers`).
@@ -130,6 +133,8 @@ class MDGDEngine:
             ref_model.eval()
             if is_recomputing(module):  # phi in eval() would keep all its activations
                 recompute_layers(ref_module)
+        # a frozen vision tower that phi shares with theta runs once per micro-batch
+        self._shared = shared_forward(module, ref_module if cfg.mode != "ft" else None)
         self.exchange = make_exchange(
             strategy,
             cfg,
@@ -277,7 +282,8 @@ class MDGDEngine:
     def _forward(self, batch: dict[str, Any], visual: bool) -> tuple[Any, Any]:
         """Both models' outputs; with what the visual hook needs when ``visual``."""
         kw = self.visual.forward_kwargs if visual else {}
-        return self.model(**batch, **kw), self.ref_model(**batch, **kw)
+        with self._shared:
+            return self.model(**batch, **kw), self.ref_model(**batch, **kw)
 
     def _visual_losses(self, batch: dict[str, Any], out_t: Any, out_p: Any) -> tuple:
         """``L_v`` (text-only: 0 with no graph), or under :attr:`separate_losses` one copy

@@ -44,6 +44,14 @@ Rows (each in fresh subprocesses, so that its peak memory is its own; with
   direction's write into ZeRO's partitions and DeepSpeed's step of the last step
   (``ds_grads_after_step_mb``: what stays after it).
 
+``--phi``: how the MDGD rows build phi. ``copy`` (the default): ``copy.deepcopy`` of the
+pre-trained model (theta a perturbed copy of it); ``lean``: :func:`mdgd.reference_model`,
+which shares theta's frozen modules (theta's trainable parameters are then perturbed);
+``copy,lean`` runs both, the lean rows named ``<mode>+lean`` (before and after). Every
+row reports ``params_mb`` (both models, each parameter once) and ``phi_shared_mb`` (what
+phi shares with theta). ``mdgd-fsdp`` (sharded frozen weights) and the ZeRO rows give phi
+its own copies (:func:`mdgd.reference.unshare`), so their lean rows are the copy rows.
+
 Every MDGD row runs two forwards (theta and phi), ``backward(L_vl(theta) +
 L_vl(phi))`` into the ``g`` buffers and ``backward(L_v)`` into the ``h`` buffers,
 then the op and AdamW. Reported per row: samples/s (batch / median step time),
@@ -135,6 +143,8 @@ def worker(args: argparse.Namespace) -> dict:
     if stage and torch.device(args.device).type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
     from mdgd import MDGDConfig, llava_trainable_patterns, mark_trainable, shard_models
+    from mdgd.buffers import local_bytes
+    from mdgd.reference import reference_model, shared_bytes, unshare
     from mdgd.testing import perturbed_copy, random_batch, tiny_llava
     from mdgd_bench.step_engines import engine_class
 
@@ -152,9 +162,17 @@ def worker(args: argparse.Namespace) -> dict:
             dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    ref = tiny_llava(seed=0, dtype=dtype, device=device, **size_kwargs(args))
-    theta = perturbed_copy(ref, seed=1)
     algo = ALGO.get(args.mode, "mdgd")
+    if args.phi == "lean" and algo != "ft":
+        # phi shares theta's frozen modules; theta's trainable part then moves away from it
+        theta = tiny_llava(seed=0, dtype=dtype, device=device, **size_kwargs(args))
+        ref = reference_model(theta, llava_trainable_patterns(theta, args.trainable_layers))
+        perturb_trainable(theta, seed=1)
+        if stage:  # each DeepSpeed engine partitions its own model: phi needs its own copy
+            unshare(ref, theta)
+    else:  # phi a deep copy of the pre-trained model, theta that copy perturbed
+        ref = tiny_llava(seed=0, dtype=dtype, device=device, **size_kwargs(args))
+        theta = perturbed_copy(ref, seed=1)
     if algo == "ft":
         del ref
         ref = None
@@ -238,9 +256,15 @@ def worker(args: argparse.Namespace) -> dict:
         after = [t for e in ds_engines for ts in ds_grad_tensors(e).values() for t in ts]
         row["ds_grads_after_step_mb"] = tensors_mb(after)
     else:
-        row.update(per_rank_bytes(engine, [theta, ref], opt))
+        row.update(per_rank_bytes(engine, opt))
+        # each parameter once: a lean phi's shared ones are theta's (FSDP2 with sharded
+        # frozen weights and DeepSpeed give phi its own copies: nothing shared there)
+        params = {id(p): p for m in (theta, ref) if m is not None for p in m.parameters()}
+        row["params_mb"] = local_bytes(params.values()) / 2**20
+    row["phi"] = "none" if ref is None else args.phi
+    row["phi_shared_mb"] = shared_bytes(theta, ref) / 2**20 if ref is not None else 0.0
     if dmode == "none":
-        row.update(formula_bytes(row, algo, dtype))
+        row.update(formula_bytes(row, algo, dtype, lean=row["phi"] == "lean"))
         return row
     row["world"] = world
     rows: list[dict] = [{}] * world
@@ -362,32 +386,48 @@ def zero_bytes(engine, ds_engines, stage: int) -> dict[str, float]:
     return parts
 
 
-def per_rank_bytes(engine, models, opt) -> dict[str, float]:
-    """This rank's MB of gradient buffers, optimizer state and parameters (local shards)."""
-    from mdgd.buffers import local_tensor
+def per_rank_bytes(engine, opt) -> dict[str, float]:
+    """This rank's MB of gradient buffers, optimizer state and parameters (local shards of
+    both models): :func:`mdgd.buffers.held_bytes`, which ``mdgd train``'s summary reports."""
+    from mdgd.buffers import held_bytes
 
-    def mb(tensors) -> float:
-        return sum(local_tensor(t).numel() * t.element_size() for t in tensors) / 2**20
+    held = held_bytes(engine, opt)
+    return {
+        "grads_mb": held["grad_buffers"] / 2**20,
+        "optim_mb": held["optimizer"] / 2**20,
+        "params_mb": held["params"] / 2**20,
+    }
 
-    grads = [b for fg in (engine.theta, engine.phi) if fg for b in fg.buffers.values()]
-    state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-    params = [p for m in models if m is not None for p in m.parameters()]
-    return {"grads_mb": mb(grads), "optim_mb": mb(state), "params_mb": mb(params)}
 
-
-def formula_bytes(row: dict, algo: str, dtype: torch.dtype) -> dict[str, float]:
+def formula_bytes(
+    row: dict, algo: str, dtype: torch.dtype, *, lean: bool = False
+) -> dict[str, float]:
     """docs/distributed.md's memory formula at W = 1 for this row (see the module docstring),
-    in MB, beside the held bytes it predicts and the peak's remainder (activations)."""
+    in MB, beside the held bytes it predicts and the peak's remainder (activations).
+    ``lean``: phi shares theta's frozen weights, its own are the trainable ``T``."""
     b = torch.tensor([], dtype=dtype).element_size()
     models, buffers = (1, 1) if algo == "ft" else (2, 4)
     p, t = row["total_params"], row["trainable_params"]
-    formula = (b * (models * p + buffers * t) + 2 * b * t) / 2**20
+    weights = p + t if lean and algo != "ft" else models * p
+    formula = (b * (weights + buffers * t) + 2 * b * t) / 2**20
     held = row["grads_mb"] + row["optim_mb"] + row["params_mb"]
     return {
         "formula_mb": formula,
         "held_mb": held,
         "activations_mb": row["peak_mem_mb"] - held,
     }
+
+
+@torch.no_grad()
+def perturb_trainable(model, seed: int, scale: float = 0.02) -> None:
+    """Move ``model``'s trainable parameters away from phi's (as training would), so that
+    ``L_v`` is not 0; noise drawn on each parameter's device."""
+    gens: dict[torch.device, torch.Generator] = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            gen = gens.setdefault(p.device, torch.Generator(p.device).manual_seed(seed))
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32, device=p.device)
+            p.add_(noise.to(p.dtype) * scale)
 
 
 def summarise(runs: list[dict], batch_size: int) -> dict:
@@ -463,10 +503,13 @@ def format_table(head: list[str], body: list[list[str]]) -> str:
 
 def formula_table(rows: list[dict]) -> str:
     """Single-process rows: the formula's bytes against the held bytes and the peak."""
-    head = ["mode", "formula MB", "held MB", "peak MB", "peak - held MB"]
+    head = ["mode", "params MB", "phi shared MB", "formula MB", "held MB", "peak MB"]
+    head.append("peak - held MB")
     body = [
         [
             r["mode"],
+            f"{r['params_mb']:.1f}",
+            f"{r.get('phi_shared_mb', 0.0):.1f}",
             f"{r['formula_mb']:.0f}",
             f"{r['held_mb']:.0f}",
             f"{r['peak_mem_mb']:.0f}",
@@ -553,6 +596,13 @@ def parse(argv: list[str] | None, prog: str | None = None) -> argparse.Namespace
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     p.add_argument(
+        "--phi",
+        default="copy",
+        help="how the MDGD rows build phi: copy (copy.deepcopy, the default), lean "
+        "(mdgd.reference_model: theta's frozen modules shared), or copy,lean for both, the "
+        "lean rows named <mode>+lean",
+    )
+    p.add_argument(
         "--nproc", type=int, default=2, help="processes of the mdgd-dp/fsdp/zero2/zero3 rows"
     )
     quick = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in QUICK.items())
@@ -638,14 +688,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
     bad = [m for m in modes if m not in MODES and m not in DIST_MODES]
     if bad:
         raise SystemExit(f"unknown mode(s) {bad}; choose from {MODES + tuple(DIST_MODES)}")
+    phis = [x.strip() for x in args.phi.split(",") if x.strip()]
+    if not phis or set(phis) - {"copy", "lean"}:
+        raise SystemExit(f"--phi {args.phi!r}: give copy, lean or copy,lean")
     started = utc_now()
     base = list(argv if argv is not None else sys.argv[1:])
-    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    # one row per mode and phi (ft has no phi): label -> (mode, phi)
+    labels = {
+        (mode if phi == "copy" or mode == "ft" else f"{mode}+lean"): (mode, phi)
+        for mode in modes
+        for phi in phis
+    }
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
     for r in range(args.rounds):  # rounds alternate the rows, spreading a shared host's noise
-        for mode in modes:
-            runs[mode].append(run_worker(mode, args.nproc, base))
-            print(f"  round {r + 1}/{args.rounds} {mode}: done", file=sys.stderr)
-    rows = [summarise(runs[m], args.batch_size) for m in modes]
+        for label, (mode, phi) in labels.items():
+            runs[label].append(run_worker(mode, args.nproc, [*base, "--phi", phi]))
+            print(f"  round {r + 1}/{args.rounds} {label}: done", file=sys.stderr)
+    rows = [dict(summarise(runs[label], args.batch_size), mode=label) for label in labels]
     host = machine(torch.device(args.device), started)  # device, cpu, gpu, threads, commit
     if args.threads:
         host["threads"] = args.threads
@@ -660,8 +719,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> list[dict]:
     print(table(rows))
     if any("formula_mb" in r for r in rows):
         print(formula_table([r for r in rows if "formula_mb" in r]))
-    if any(r["mode"] in DIST_MODES for r in rows):
-        print(memory_table([r for r in rows if r["mode"] in DIST_MODES]))
+    if any("world" in r for r in rows):
+        print(memory_table([r for r in rows if "world" in r]))
     record = {
         "benchmark": "step",
         "machine": host,

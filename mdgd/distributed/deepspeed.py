@@ -119,9 +119,16 @@ def deepspeed_models(
     never steps; it costs phi's fp32 master partitions and gradient partitions
     (docs/distributed.md has the bytes).
 
+    A lean phi (:func:`mdgd.reference_model`) is given its own copies of theta's
+    frozen modules first (:func:`mdgd.reference.unshare`).
+
     Returns ``(engine, ref_engine)``; pass both to :class:`mdgd.MDGDEngine`.
     """
+    from ..reference import unshare
+
     deepspeed = check_version()
+    if ref_model is not None:
+        unshare(ref_model, model)  # each engine partitions its own module tree
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(

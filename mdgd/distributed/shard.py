@@ -6,6 +6,16 @@ local gradient shards line up element by element. :func:`shard_models` wraps
 each transformer layer of both models (every vision-encoder and decoder layer:
 the modules transformers builds on ``GradientCheckpointingLayer``, or else the
 items of every ``...layers`` ``ModuleList``), then each root.
+
+A lean phi (:func:`mdgd.reference_model`) holds theta's frozen modules themselves. FSDP2
+cannot shard one module for two roots: each root claims every FSDP unit below it when it
+first runs (``FSDPState._lazy_init``), so with the shared units wrapped once, through
+theta, phi's first forward fails with "FSDP state has already been lazily initialized"
+(torch 2.13, 2 gloo ranks). So with ``shard_frozen=True`` phi gets its own copies of what
+it shares first (:func:`mdgd.reference.unshare`: the full copy, the deep copy's memory),
+and with ``shard_frozen=False`` the shared modules stay shared, outside FSDP2 (their
+parameters are frozen, hence ignored and replicated anyway): no unit is made of them in
+either model.
 """
 
 from __future__ import annotations
@@ -44,7 +54,9 @@ def shard_models(
             whole and replicated on every rank and are never all-gathered. That
             saves the all-gather traffic of the frozen weights at the cost of
             holding them in full on every rank (docs/distributed.md has the
-            numbers).
+            numbers). A lean ``ref_model`` (:func:`mdgd.reference_model`) keeps
+            sharing theta's frozen modules only then; with ``True`` it is given its
+            own copies of them first (module docstring).
 
     Returns ``(model, ref_model)``, wrapped in place (FSDP2 changes the classes).
     """
@@ -53,8 +65,15 @@ def shard_models(
     for which, m in (("model", model), ("ref_model", ref_model)):
         if is_fsdp(m):
             raise ValueError(f"{which} is already wrapped by FSDP2: pass the unwrapped models")
+    shared: set[int] = set()
     if ref_model is not None:
         _match_requires_grad(model, ref_model)
+        if shard_frozen:
+            from ..reference import unshare
+
+            unshare(ref_model, model)
+        else:
+            shared = {id(m) for m in model.modules()} & {id(m) for m in ref_model.modules()}
     kwargs: dict[str, Any] = {
         "mesh": mesh,
         "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy(),
@@ -65,7 +84,8 @@ def shard_models(
             continue
         ignored = None if shard_frozen else {p for p in m.parameters() if not p.requires_grad}
         for layer in transformer_layers(m):
-            fully_shard(layer, ignored_params=ignored, **kwargs)
+            if id(layer) not in shared:  # frozen, replicated: nothing for FSDP2 to do
+                fully_shard(layer, ignored_params=ignored, **kwargs)
         fully_shard(m, ignored_params=ignored, **kwargs)
     return model, ref_model
 
@@ -112,6 +132,15 @@ def shard_like(ref_model: nn.Module, model: nn.Module) -> nn.Module:
 
     if is_fsdp(ref_model):
         raise ValueError("ref_model is already wrapped by FSDP2")
+    from ..reference import shares_modules
+
+    if shares_modules(model, ref_model):
+        raise ValueError(
+            "ref_model shares frozen modules with model (mdgd.reference_model), which FSDP2 "
+            "already sharded for model alone: give ref_model its own copies before model is "
+            "wrapped (mdgd.reference.unshare(ref_model, model); MDGDTrainer does so), or "
+            "build it with copy.deepcopy"
+        )
     units = {canonical_name(n): m for n, m in model.named_modules() if is_fsdp(m)}
     if not units:
         raise ValueError("model is not wrapped by FSDP2: use shard_models(model, ref_model)")
