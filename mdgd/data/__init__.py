@@ -1,6 +1,7 @@
 """LLaVA-format instruction data for ``mdgd train``: loading, chat template, labels, batches.
 
-The input is LLaVA's format, a JSON list (or JSON Lines, one sample a line) of
+The input is LLaVA's format, a JSON list (or JSON Lines, one sample a line, or
+LLaVA-NeXT's YAML list of such files) of
 
     {"id": "...", "image": "file.png",            # "image" absent: a text-only sample
      "conversations": [{"from": "human", "value": "<image>\\nWhat is ...?"},
@@ -18,25 +19,33 @@ through it, so it includes what the template closes the turn with (e.g.
 Samples longer than ``max_length`` tokens are truncated; one whose answers (or
 an image's tokens) would be cut entirely is dropped, counted in
 :attr:`LlavaDataset.dropped`, with one warning. Every problem in the input is a
-:class:`DataError` whose message names the sample (index and id) or the line.
+:class:`DataError` whose message names the file and the sample (index and id),
+the line, or the byte offset.
 
-* :mod:`mdgd.data.records`: the JSON format: loading, checks, turns as chat messages;
+* :mod:`mdgd.data.records`: the JSON format: checks, turns as chat messages;
+* :mod:`mdgd.data.scan`: one streaming pass over a file (each sample's byte offset), the
+  YAML list of files, one sample read by its offset;
+* :mod:`mdgd.data.index`: the checked, cached index (modality, lengths, token bounds);
 * :mod:`mdgd.data.tokens`: the chat template, tokenization, labels, truncation, collation;
-* :mod:`mdgd.data.dataset`: :class:`LlavaDataset`, which checks and tokenizes a file up front.
+* :mod:`mdgd.data.dataset`: :class:`LlavaDataset`, lazy samples over the index;
+* :mod:`mdgd.data.sampler`: LLaVA's ``group_by_modality_length`` sampler.
 """
 
 from .dataset import LlavaDataset
 from .records import PLACEHOLDER, ROLES, DataError, image_files, load_records, to_messages
-from .tokens import IGNORE, Collator, Encoded, chunks, collate, encode, token_ids
+from .sampler import ModalityLengthGroupedSampler
+from .tokens import IGNORE, SKIPPED, Collator, Encoded, chunks, collate, encode, token_ids
 
 __all__ = [
     "IGNORE",
     "PLACEHOLDER",
     "ROLES",
+    "SKIPPED",
     "Collator",
     "DataError",
     "Encoded",
     "LlavaDataset",
+    "ModalityLengthGroupedSampler",
     "chunks",
     "collate",
     "encode",

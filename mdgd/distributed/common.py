@@ -258,8 +258,9 @@ def check_same_modality(
             f"under {who} the ranks' micro-batches must all have images or all be "
             f"text-only, but {text_only} of {comm.world} ranks have a text-only one: each "
             f"rank would run other {who} collectives (the vision tower's). Group the "
-            "samples by modality across ranks (LLaVA's group_by_modality_length does), or "
-            "use distributed='dp'"
+            "samples by modality: --group-by-modality-length (mdgd train; on by default "
+            "under FSDP2 and DeepSpeed) or MDGDTrainer(group_by_modality_length=True), with "
+            "a dataset that has modality_lengths; or use distributed='dp'"
         )
 
 

@@ -60,6 +60,18 @@ and checkpointing see the direction as if it were the gradient.
   theta's engine once per optimizer step, after the direction is written into
   ZeRO's partitions. DeepSpeed clips (its ``gradient_clipping``) and saves and
   resumes the engine in the Trainer's checkpoints.
+* Modality grouping: under FSDP2 and DeepSpeed the ranks' micro-batches of one
+  micro-step must all have images or all be text-only. With
+  ``group_by_modality_length`` the Trainer samples with
+  :class:`mdgd.data.sampler.ModalityLengthGroupedSampler` (LLaVA's
+  ``--group_by_modality_length``), which needs the train dataset's
+  ``modality_lengths`` (a sample's length, negated when it is text-only) and makes
+  every micro-step's batches of all ranks agree on having images (repeating fewer
+  than ``ranks * batch size`` samples per modality and epoch to do so) and every
+  optimizer step single-modality but the last one or two. The default (None) turns it
+  on under FSDP2 and DeepSpeed when the dataset has ``modality_lengths``; False
+  keeps the Trainer's own sampler. Resuming mid-epoch keeps the epoch's order
+  (:meth:`MDGDTrainer.get_resumed_dataloader`).
 * Checkpoints also hold ``mdgd_state.json``: the engine's step count and the
   figures not yet logged, which resuming restores.
 
@@ -80,8 +92,12 @@ from torch import nn
 from transformers import Trainer
 
 from ..config import MDGDConfig, mark_trainable
+from ..data.sampler import ModalityLengthGroupedSampler
+from ..data.tokens import SKIPPED
+from ..distributed.common import is_fsdp
 from ..distributed.trainer import prepare_models, trainer_strategy
 from ..engine import FIGURES, MDGDEngine
+from ..reference import unshare
 from ..visual import VisualHook
 
 CONFIG_NAME = "mdgd_config.json"
@@ -89,16 +105,35 @@ TRAINABLE_NAME = "mdgd_trainable.safetensors"
 STATE_NAME = "mdgd_state.json"
 
 
+def grouped_sampler(loader: Any) -> ModalityLengthGroupedSampler | None:
+    """The :class:`ModalityLengthGroupedSampler` under ``loader``'s (nested) batch
+    samplers, or None."""
+    batches = getattr(loader, "batch_sampler", None)
+    while batches is not None:
+        sampler = getattr(batches, "sampler", None)
+        if isinstance(sampler, ModalityLengthGroupedSampler):
+            return sampler
+        batches = getattr(batches, "batch_sampler", None)
+    return None
+
+
 class MDGDTrainer(Trainer):
     """A ``transformers.Trainer`` that trains ``model`` with MDGD against ``ref_model``.
 
     Args:
-        ref_model: the frozen pre-trained model (same architecture as ``model``,
-            separate parameters); moved to the Trainer's device. Ignored for
+        ref_model: the frozen pre-trained model (same architecture as ``model``),
+            built before training: :func:`mdgd.reference_model` (shares ``model``'s
+            frozen modules; under DeepSpeed and accelerate's FSDP2 plugin, which wrap
+            ``model`` alone, it is given its own copies of them here) or
+            ``copy.deepcopy(model)``; moved to the Trainer's device. Ignored for
             ``mode="ft"``.
         mdgd_config: the :class:`MDGDConfig`; its ``trainable`` patterns (if any)
             are applied to both models before the optimizer is built.
         visual: the visual-representation hook (default: image-token hidden states).
+        group_by_modality_length: sample with
+            :class:`~mdgd.data.sampler.ModalityLengthGroupedSampler` (the train
+            dataset must have ``modality_lengths``); None: do so when the models are
+            sharded (FSDP2, DeepSpeed) and the dataset has ``modality_lengths``.
         Every other argument is the Trainer's.
     """
 
@@ -108,8 +143,10 @@ class MDGDTrainer(Trainer):
         ref_model: nn.Module | None = None,
         mdgd_config: MDGDConfig | None = None,
         visual: VisualHook | None = None,
+        group_by_modality_length: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        self.group_by_modality_length = group_by_modality_length
         self.mdgd_config = mdgd_config if mdgd_config is not None else MDGDConfig()
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
@@ -124,6 +161,8 @@ class MDGDTrainer(Trainer):
         if self.mdgd_config.max_grad_norm is not None:  # the Trainer clips the direction
             self.args.max_grad_norm = self.mdgd_config.max_grad_norm
         self.strategy = trainer_strategy(self)
+        if ref_model is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            unshare(ref_model, model)  # accelerate's prepare will wrap theta's modules alone
         if ref_model is not None:
             ref_model.to(self.args.device)
         self._ref_model, self._visual = ref_model, visual
@@ -132,6 +171,53 @@ class MDGDTrainer(Trainer):
         if self.strategy.build_at_init:
             self._build_engine()
         self._mdgd_logs: list[dict[str, float]] = []
+        self.skipped_samples = 0  # on this rank, since the Trainer was built
+        if self.train_dataset is not None:
+            self._modality_lengths(self.train_dataset)  # fails early where they are missing
+
+    def _get_train_sampler(
+        self, train_dataset: torch.utils.data.Dataset | None = None
+    ) -> torch.utils.data.Sampler | None:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        lengths = self._modality_lengths(dataset)
+        if lengths is None:
+            return super()._get_train_sampler(train_dataset)
+        args = self.args
+        return ModalityLengthGroupedSampler(
+            lengths,
+            batch_size=self._train_batch_size,  # the DataLoader's batch size
+            world_size=args.world_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+
+    def _modality_lengths(self, dataset: Any) -> Any:
+        """``dataset.modality_lengths`` when the Trainer groups by modality, else None."""
+        lengths = getattr(dataset, "modality_lengths", None)
+        grouped = self.group_by_modality_length
+        if grouped is None:  # where the ranks must agree on the modality, when it can
+            sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled or is_fsdp(self.model)
+            grouped = sharded and lengths is not None
+        if grouped and lengths is None:
+            raise ValueError(
+                "group_by_modality_length=True needs the train dataset "
+                f"({type(dataset).__name__}) to have modality_lengths: per sample its "
+                "length, negated when it is text-only"
+            )
+        return lengths if grouped else None
+
+    def get_resumed_dataloader(
+        self, dataloader: torch.utils.data.DataLoader, num_batches: int
+    ) -> torch.utils.data.DataLoader:
+        resumed = super().get_resumed_dataloader(dataloader, num_batches)
+        # Resuming mid-epoch on several ranks, accelerate's loader nests the sampler as
+        # SkipBatchSampler(BatchSamplerShard(BatchSampler(sampler))), one level deeper than
+        # its set_epoch (and the Trainer's) looks: attach it where they look, or the
+        # resumed epoch would take its batches from another epoch's order.
+        sampler = grouped_sampler(dataloader)
+        if sampler is not None and hasattr(resumed, "set_sampler"):
+            resumed.set_sampler(sampler)
+        return resumed
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
@@ -158,6 +244,9 @@ class MDGDTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+        if SKIPPED in inputs:  # bad samples the dataset replaced (--on-bad-sample skip)
+            inputs = dict(inputs)
+            self.skipped_samples += int(inputs.pop(SKIPPED))
         inputs = self._prepare_inputs(inputs)
         if self.engine is None:
             self._build_engine()
