@@ -20,8 +20,9 @@ granularity (``"tensor"``, ``"global"``, ``"block:K"``); it is built once.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,6 +95,33 @@ def is_dtensor(t: torch.Tensor) -> bool:
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a ``DTensor`` (FSDP2 parameter or gradient); ``t`` otherwise."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of this rank's part of ``tensors``: a ``DTensor``'s local shard (FSDP2's
+    ``Shard(0)``, unpadded: rank r of W holds ``ceil(d0 / W)`` rows, the last ones fewer),
+    any other tensor whole."""
+    return sum(local_tensor(t).numel() * t.element_size() for t in tensors)
+
+
+def held_bytes(engine: Any, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """This rank's bytes of what a training step keeps allocated throughout: the parameters
+    of both models (``params``; one they share, e.g. a lean phi's frozen module from
+    :func:`mdgd.reference_model`, once), the engine's flat gradient buffers
+    (``grad_buffers``: g and h of theta and of phi) and ``optimizer``'s state tensors
+    (``optimizer``: AdamW's moments and step counters, SGD's momentum); local shards under
+    FSDP2, everything under ``"dp"``. Not for DeepSpeed engines: ZeRO keeps its partitions
+    and master weights apart (the step benchmark reads them itself)."""
+    grads = [b for fg in (engine.theta, engine.phi) if fg is not None for b in fg.buffers.values()]
+    states = optimizer.state.values() if optimizer is not None else []
+    state = [v for st in states for v in st.values() if torch.is_tensor(v)]
+    models = [m for m in (engine.model, engine.ref_model) if m is not None]
+    params = {id(p): p for m in models for p in m.parameters()}  # shared ones once
+    return {
+        "params": local_bytes(params.values()),
+        "grad_buffers": local_bytes(grads),
+        "optimizer": local_bytes(state),
+    }
 
 
 def _as_grad(view: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

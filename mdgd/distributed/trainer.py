@@ -8,7 +8,8 @@ returned object's methods. One class per setup:
   ``accelerate launch`` (``"dp"``): the engine owns the collectives, so
   accelerate places and autocasts the model but does not wrap it in DDP;
 * :class:`FSDPStrategy`: ``MDGDConfig(distributed="fsdp")`` shards both models
-  with :func:`mdgd.shard_models` before the Trainer is built; the trainable
+  with :func:`mdgd.shard_models` before the Trainer is built (``mdgd train --fsdp``
+  takes this path: :func:`launch_mode`); the trainable
   parameters and the optimizer state are checkpointed through
   ``torch.distributed.checkpoint`` (``mdgd_fsdp/``), ``save_model`` gathers the
   full state dict;
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -47,10 +49,12 @@ def prepare_models(
     config: MDGDConfig, model: nn.Module, ref_model: nn.Module | None, args: Any
 ) -> None:
     """Before ``Trainer.__init__``: shard both models when MDGD's own FSDP2 path is asked
-    for (accelerate must not wrap them)."""
+    for (accelerate must not wrap them), with the options :func:`launch_mode` took from
+    ``--fsdp`` / ``--fsdp_config``, if any."""
     if config.distributed == "fsdp" and not is_fsdp(model):
         device = args.device  # sets up the process group, as the Trainer would
-        shard_models(model.to(device), ref_model.to(device) if ref_model else None)
+        options = getattr(args, SHARD_OPTIONS, None) or {}
+        shard_models(model.to(device), ref_model.to(device) if ref_model else None, **options)
 
 
 def prepare_launch(args: Any) -> None:
@@ -66,6 +70,127 @@ def prepare_launch(args: Any) -> None:
 
         if dist.is_available() and dist.is_initialized():
             check_version().init_distributed(dist_backend=dist.get_backend())
+
+
+SHARD_OPTIONS = "mdgd_shard_options"
+"""The ``TrainingArguments`` attribute where :func:`launch_mode` leaves the
+:func:`shard_models` options that :func:`prepare_models` passes on."""
+
+# fsdp_config keys (TrainingArguments strips their "fsdp_" prefix) refused when on: MDGD's
+# own path would otherwise ignore them and run something else than asked for
+FSDP_REFUSED = {
+    "cpu_offload": "CPU offloading (also --fsdp offload) is not supported: the engine's four "
+    "gradient buffers live on the device",
+    "cpu_ram_efficient_loading": "not supported: both models are loaded whole on every rank, "
+    "then sharded",
+    "activation_checkpointing": "not supported; pass --gradient_checkpointing instead "
+    "(transformers' activation checkpointing works with MDGD's two backward passes)",
+    "xla": "XLA FSDP is not supported",
+    "xla_fsdp_v2": "XLA FSDP is not supported",
+    "xla_fsdp_grad_ckpt": "XLA FSDP is not supported",
+    "xla_fsdp_settings": "XLA FSDP is not supported",
+}
+# the keys read: the version (2 only) and the one mapped to a shard_models option
+FSDP_TAKEN = ("version", "reshard_after_forward")
+# values that are what MDGD's own path does anyway (TrainingArguments fills in
+# min_num_params); other values, and every other key, are ignored with a warning: the path
+# wraps each vision-encoder and decoder layer of both models, then each root
+# (shard_models), and saves the final model as a full state dict
+FSDP_AS_DONE = {
+    "min_num_params": 0,
+    "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+    "state_dict_type": "FULL_STATE_DICT",
+}
+
+
+def launch_mode(args: Any) -> str:
+    """``MDGDConfig.distributed`` for ``mdgd train``'s flags: ``"fsdp"`` when they ask for
+    FSDP (``--fsdp``, e.g. ``--fsdp full_shard --fsdp_config '{"fsdp_version": 2}'``; FSDP2
+    is transformers' default), else ``"auto"``. Call it after :func:`prepare_launch`, before
+    the Trainer is built.
+
+    ``--fsdp`` takes MDGD's own FSDP2 path: :func:`prepare_models` shards both models with
+    :func:`shard_models` (``reshard_after_forward`` from the config: ``--fsdp shard_grad_op``
+    or ``"reshard_after_forward": false`` keep the gathered weights until the backward), and
+    the ``TrainingArguments``' FSDP fields (``fsdp``, ``fsdp_config``, ``fsdp_plugin_args``,
+    the latter read only when the Trainer builds its accelerator) are cleared, so that
+    accelerate builds no FSDP plugin and does not wrap the model. Raises ``ValueError``
+    naming the flag for what the path does not do: FSDP1, ``--deepspeed`` too, an
+    ``accelerate launch`` FSDP config too, a single process, the keys of
+    :data:`FSDP_REFUSED`; warns about the keys it ignores (:data:`FSDP_AS_DONE`).
+    """
+    import torch.distributed as dist
+
+    if not getattr(args, "fsdp", None):
+        return "auto"
+    config = dict(args.fsdp_config or {})
+    if getattr(args, "deepspeed", None):
+        raise ValueError("--fsdp and --deepspeed cannot be combined: pass one of them")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        raise ValueError(
+            "--fsdp under an accelerate launch with an FSDP config: drop --fsdp (accelerate's "
+            "FSDP2 plugin then wraps the model) or launch without accelerate's FSDP config"
+        )
+    for key, why in FSDP_REFUSED.items():
+        if _on(config.get(key)):
+            raise ValueError(f"--fsdp_config {key}: {why}")
+    version = int(config.get("version", 2))
+    if version != 2:
+        raise ValueError(
+            f"--fsdp_config fsdp_version {version}: only FSDP2 is supported (FSDP1 keeps the "
+            "gradients in flat buffers of its own); pass --fsdp_config '{\"fsdp_version\": 2}'"
+        )
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "--fsdp needs several processes: launch with torchrun --nproc-per-node N -m mdgd "
+            "train ... (or accelerate launch without an FSDP config)"
+        )
+    missing = object()
+    ignored = sorted(
+        k
+        for k, v in config.items()
+        if k not in FSDP_REFUSED and k not in FSDP_TAKEN and FSDP_AS_DONE.get(k, missing) != v
+    )
+    if ignored:
+        warnings.warn(
+            f"--fsdp_config {', '.join(ignored)} ignored: MDGD's FSDP2 path wraps each "
+            "vision-encoder and decoder layer of both models, then each model, and saves the "
+            "final model as a full state dict",
+            stacklevel=2,
+        )
+    reshard = _on(config.get("reshard_after_forward", True))  # transformers' FSDP2 default
+    setattr(args, SHARD_OPTIONS, {"reshard_after_forward": reshard})
+    args.fsdp = args.fsdp_config = args.fsdp_plugin_args = None
+    return "fsdp"
+
+
+def _on(value: Any) -> bool:
+    """A flag's truth as ``TrainingArguments`` reads it (the string "false" is off)."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "y", "t", "on")
+    return bool(value)
+
+
+def rank_bytes(trainer: Any) -> dict[str, Any] | None:
+    """Every rank's bytes of both models' parameters, the engine's gradient buffers and the
+    optimizer state (:func:`mdgd.buffers.held_bytes`), gathered: ``{"mode": "fsdp",
+    "per_rank": [rank 0's, rank 1's, ...]}`` on every rank, which must all call it. None
+    before the engine is built and under DeepSpeed (ZeRO's partitions are not the models'
+    tensors)."""
+    import torch.distributed as dist
+
+    from ..buffers import held_bytes
+
+    engine = trainer.engine
+    if engine is None or trainer.is_deepspeed_enabled:
+        return None
+    optimizer = inner_optimizer(trainer.optimizer) if trainer.optimizer is not None else None
+    held = held_bytes(engine, optimizer)
+    per_rank: list[Any] = [held]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, held)
+    return {"mode": engine.distributed, "per_rank": per_rank}
 
 
 @contextlib.contextmanager
