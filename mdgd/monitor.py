@@ -22,6 +22,32 @@ It logs through ``trainer.log``, so the figures go wherever ``report_to`` says
 and into ``trainer.state.log_history``; it takes the trainer, as TRL's callbacks
 do, for that reason. At the end it writes ``erank.json`` and (with matplotlib)
 ``erank.png``, the effective rank over the steps, to ``args.output_dir``.
+
+Several processes (``torchrun``, ``accelerate launch``): only the world-process-zero
+logs the figures and writes the files. Which ranks measure depends on the model
+measured (:func:`is_sharded`), so it is decided for theta and phi apart (under
+ZeRO-3 through ``mdgd train``, phi is still whole when training starts):
+
+* a whole model on every rank (``"dp"``, DeepSpeed ZeRO-1/2): rank 0 alone runs the
+  probe forwards and the generations; the other ranks go on and wait for it in the
+  next step's gradient exchange (a measurement must fit in ``--ddp_timeout``);
+* a sharded model (FSDP2, DeepSpeed ZeRO-3): a forward gathers the parameters from
+  every rank, so every rank runs the same forwards in lockstep (the same probe
+  batches and prompts; ``generate`` with ``synced_gpus``, so that a rank whose
+  answer ended keeps serving the others' forwards, as transformers' own evaluation
+  does), and rank 0 alone logs.
+
+So the other ranks' ``state.log_history`` lacks the monitor's entries. Nothing
+reads them there: the reporting integrations report from rank 0, the Trainer
+writes ``trainer_state.json`` on rank 0 (``args.should_save``), and on resume every
+rank reads that file.
+
+Resuming: the Trainer restores ``state.log_history`` from the checkpoint before
+``on_train_begin``; the monitor takes its history up to the resumed step from
+there (the entries it had logged, one per step) and appends the new measurements,
+so ``erank.json`` and ``erank.png`` cover the whole run. ``mdgd/erank_ref`` is the
+logged one too: the reference is measured only when no earlier value is logged,
+and never from the trained model after step 0.
 """
 
 from __future__ import annotations
@@ -31,17 +57,20 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
+from .distributed.common import is_fsdp
 from .metrics import effective_rank
 from .visual import ImageTokenHidden
 
 HISTORY_NAME = "erank.json"
 PLOT_NAME = "erank.png"
+KEYS = ("mdgd/erank", "mdgd/erank_ref", "eval/accuracy")  # what the monitor logs
 
 
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -52,6 +81,19 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The model whose config holds ``image_token_id`` (a peft wrapper is looked through)."""
     get = getattr(model, "get_base_model", None)
     return get() if callable(get) else model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when a forward of ``model`` needs every rank (of several): its parameters are
+    sharded by FSDP2 (DTensors) or partitioned by DeepSpeed ZeRO-3 (which gives them
+    ``ds_shape``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return is_fsdp(model) or any(
+        isinstance(p, DTensor) or hasattr(p, "ds_shape") for p in model.parameters()
+    )
 
 
 @torch.no_grad()
@@ -86,6 +128,22 @@ def _normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
 
+@contextlib.contextmanager
+def _root_gathered(model: torch.nn.Module) -> Iterator[None]:
+    """FSDP2: hold the root's own parameters gathered in this block. ``generate`` uses
+    some outside a forward of the root (LLaVA's image features, before the first
+    forward), where FSDP2's hooks have not gathered them. (transformers' Trainer does
+    the same for accelerate's FSDP2 plugin with ``register_fsdp_forward_method``.)"""
+    if not is_fsdp(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 @torch.no_grad()
 def exact_match(
     model: torch.nn.Module,
@@ -94,20 +152,26 @@ def exact_match(
     max_new_tokens: int = 16,
     autocast=contextlib.nullcontext,
 ) -> float:
-    """Fraction of ``(inputs, answer)`` pairs whose greedy generation equals the answer."""
+    """Fraction of ``(inputs, answer)`` pairs whose greedy generation equals the answer.
+
+    A sharded model (:func:`is_sharded`) generates with ``synced_gpus``: every rank must
+    call this with the same prompts.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    synced = is_sharded(model)
     correct = 0
     try:
         for inputs, answer in prompts:
             inputs = _to(inputs, device)
-            with autocast():
+            with autocast(), _root_gathered(model):
                 out = model.generate(
                     **inputs,
                     do_sample=False,
                     max_new_tokens=max_new_tokens,
                     pad_token_id=tokenizer.pad_token_id,
+                    synced_gpus=synced,
                 )
             new = out[0, inputs["input_ids"].shape[1] :]
             text = tokenizer.decode(new, skip_special_tokens=True)
@@ -124,9 +188,10 @@ class ForgettingMonitor(TrainerCallback):
         trainer: the Trainer it logs through (any ``transformers.Trainer``).
         probe: the probe batches (dicts the model takes, with image tokens).
         every: log every this many optimizer steps (and at the first and last).
-        reference: the pre-trained model, whose erank is measured once. None: the
-            model itself is measured when training starts from step 0 (before any
-            update it is the pre-trained model); :meth:`measure_reference` sets it.
+        reference: the pre-trained model, whose erank is measured once, when training
+            starts (unless a resumed run logged it). None: the model itself is
+            measured when training starts from step 0 (before any update it is the
+            pre-trained model); :meth:`measure_reference` sets it.
         eval_prompts: ``(inputs, answer)`` pairs for ``eval/accuracy``, or None.
         tokenizer: decodes the generations (needed with ``eval_prompts``).
         max_new_tokens: generation length for ``eval/accuracy``.
@@ -155,8 +220,7 @@ class ForgettingMonitor(TrainerCallback):
         self.max_new_tokens = max_new_tokens
         self.erank_ref: float | None = None
         self.history: list[dict[str, float]] = []
-        if reference is not None:
-            self.measure_reference(reference)
+        self._reference = reference  # measured in on_train_begin, if need be
 
     def _autocast(self):
         """The Trainer's mixed precision (--bf16 / --fp16), as in its training forwards."""
@@ -168,6 +232,7 @@ class ForgettingMonitor(TrainerCallback):
         return self.erank_ref
 
     def measure(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        """Measure ``model`` at ``step``: the figures, also appended to :attr:`history`."""
         figures = {"mdgd/erank": visual_erank(model, self.probe, self._autocast)}
         if self.erank_ref is not None:
             figures["mdgd/erank_ref"] = self.erank_ref
@@ -178,25 +243,53 @@ class ForgettingMonitor(TrainerCallback):
         self.history.append({"step": step, **figures})
         return figures
 
-    def _log(self, model: torch.nn.Module, step: int, control) -> None:
-        if self.history and self.history[-1]["step"] == step:
-            return
-        should_log = control.should_log  # Trainer.log resets it: keep the Trainer's own log
-        self.trainer.log(self.measure(model, step))
-        control.should_log = should_log
+    @staticmethod
+    def _measures_here(model: torch.nn.Module, state) -> bool:
+        """Rank 0 measures; every rank does when the model is sharded (module doc)."""
+        return state.is_world_process_zero or is_sharded(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.erank_ref is None and state.global_step == 0 and model is not None:
-            self.measure_reference(model)
+        # a resumed run: the history and phi's erank that the checkpoint's log holds
+        self.history = logged_history(state.log_history, state.global_step)
+        if self.erank_ref is None:
+            self.erank_ref = next(
+                (h["mdgd/erank_ref"] for h in reversed(self.history) if "mdgd/erank_ref" in h),
+                None,
+            )
+        phi = self._reference if self._reference is not None else model
+        self._reference = None
+        if phi is None or self.erank_ref is not None:
+            return
+        if phi is model and state.global_step > 0:
+            return  # the model is no longer the pre-trained one
+        if self._measures_here(phi, state):
+            self.measure_reference(phi)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         step = state.global_step
-        if model is not None and (step % self.every == 0 or step == 1 or step >= state.max_steps):
-            self._log(model, step, control)
+        due = step % self.every == 0 or step == 1 or step >= state.max_steps
+        if model is None or not due or not self._measures_here(model, state):
+            return
+        figures = self.measure(model, step)
+        if state.is_world_process_zero:
+            should_log = control.should_log  # Trainer.log resets it: keep the Trainer's own log
+            self.trainer.log(figures)
+            control.should_log = should_log
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero and self.history:
             save_history(self.history, self.erank_ref, args.output_dir)
+
+
+def logged_history(log_history: list[dict[str, Any]], upto: int) -> list[dict[str, float]]:
+    """The monitor's entries of a Trainer's ``state.log_history`` up to step ``upto``,
+    one per step (the last logged), in step order, with only the monitor's keys."""
+    by_step = {}
+    for entry in log_history:
+        step = entry.get("step")
+        if "mdgd/erank" in entry and step is not None and step <= upto:
+            by_step[step] = {"step": step, **{k: entry[k] for k in KEYS if k in entry}}
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def save_history(history: list[dict[str, float]], erank_ref: float | None, out: str) -> None:
@@ -219,11 +312,12 @@ def save_history(history: list[dict[str, float]], erank_ref: float | None, out: 
     ax.plot(steps, [h["mdgd/erank"] for h in history], marker="o", label="theta (training)")
     if erank_ref is not None and math.isfinite(erank_ref):
         ax.axhline(erank_ref, color="grey", linestyle="--", label="phi (pre-trained)")
-    if "eval/accuracy" in history[0]:
+    scored = [h for h in history if "eval/accuracy" in h]
+    if scored:
         ax2 = ax.twinx()
         ax2.plot(
-            steps,
-            [h["eval/accuracy"] for h in history],
+            [h["step"] for h in scored],
+            [h["eval/accuracy"] for h in scored],
             color="tab:orange",
             marker="x",
             label="eval accuracy",

@@ -1,11 +1,17 @@
-"""The forgetting monitor (mdgd.monitor): on a plain ``transformers.Trainer``, in ``mdgd train``."""
+"""The forgetting monitor (mdgd.monitor): on a plain ``transformers.Trainer``, in ``mdgd train``,
+across a resume, and on 2 gloo ranks (whole models, FSDP2, DeepSpeed ZeRO-3)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from launch import launch_ranks
 from llava_tiny import (
     IMAGE_TOKEN_ID,
     Examples,
@@ -18,12 +24,23 @@ transformers = pytest.importorskip("transformers")
 from tiny_checkpoints import build_all, flags, parse  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
+import mdgd.monitor  # noqa: E402
 from mdgd.data import LlavaDataset  # noqa: E402
 from mdgd.metrics import effective_rank  # noqa: E402
-from mdgd.monitor import HISTORY_NAME, ForgettingMonitor, exact_match, visual_erank  # noqa: E402
-from mdgd.train import prepare, run  # noqa: E402
+from mdgd.monitor import (  # noqa: E402
+    HISTORY_NAME,
+    PLOT_NAME,
+    ForgettingMonitor,
+    exact_match,
+    visual_erank,
+)
+from mdgd.train import main, prepare, run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+HELPERS = os.path.join(TESTS, "helpers")
+DATA = os.path.join(TESTS, "data")
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +139,107 @@ def test_text_only_data_trains_with_the_monitor_off(tiny, tmp_path):
     run(opts, args, r)
     steps = [h for h in r.trainer.state.log_history if "loss" in h]
     assert [h["mdgd/text_only_fraction"] for h in steps] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("mode", ["mdgd", "ft"])
+def test_resume_keeps_the_erank_history(tiny, tmp_path, monkeypatch, mode):
+    """8 steps with checkpoints at 4 and 8, then a run resumed from checkpoint-4 into the
+    same output dir: erank.json covers every measured step once, the first run's values
+    up to step 4 unchanged (from the checkpoint's log), and phi's erank is the logged one,
+    not measured again (ft: phi is the model itself, trained by the resumed step)."""
+    d = tiny["llava"]
+    argv = flags(d, tmp_path, mode=mode, max_steps=8, save_strategy="steps", save_steps=4)
+    argv += ["--monitor-steps", "2"]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / HISTORY_NAME).read_text())
+    assert [h["step"] for h in first["history"]] == [1, 2, 4, 6, 8]
+    shutil.rmtree(tmp_path / "checkpoint-8")  # as if the first run had stopped there
+    (tmp_path / PLOT_NAME).unlink()
+    measured = []
+    erank = mdgd.monitor.visual_erank
+    monkeypatch.setattr(
+        mdgd.monitor, "visual_erank", lambda *a, **k: measured.append(1) or erank(*a, **k)
+    )
+    assert main(argv + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-4")]) == 0
+    assert len(measured) == 2  # theta at steps 6 and 8; phi's erank came from the log
+    resumed = json.loads((tmp_path / HISTORY_NAME).read_text())
+    assert [h["step"] for h in resumed["history"]] == [1, 2, 4, 6, 8]
+    assert resumed["erank_ref"] == first["erank_ref"] is not None
+    assert resumed["history"][:3] == first["history"][:3]
+    for got, want in zip(resumed["history"][3:], first["history"][3:]):  # a resumed run
+        assert got == pytest.approx(want, rel=1e-6)  # continues as the uninterrupted one
+    assert (tmp_path / PLOT_NAME).is_file()
+
+
+def _monitor_ranks(dmode: str, out) -> list[dict]:
+    """The 2 ranks of monitor_worker.py in ``dmode``: what each rank's monitor did."""
+    worker = os.path.join(HELPERS, "monitor_worker.py")
+    launch_ranks([worker, dmode, str(out)], timeout=240, what=f"monitor_worker {dmode}")
+    return [torch.load(out / f"{dmode}-{rank}.pt") for rank in (0, 1)]
+
+
+EVERYTHING = {"visual_erank": 4, "exact_match": 3}  # phi once, theta at steps 1, 2 and 3
+
+
+def test_whole_models_are_measured_on_rank_zero_only(tmp_path):
+    """2 gloo ranks in "dp" mode (each holds the whole model): rank 0 alone measures
+    (probe forwards and generations) and logs; rank 1's log has no entry of the monitor."""
+    r0, r1 = _monitor_ranks("dp", tmp_path)
+    assert [r0["calls"], r1["calls"]] == [EVERYTHING, {"visual_erank": 0, "exact_match": 0}]
+    assert not r0["sharded"] and not r1["sharded"]
+    assert [h["step"] for h in r0["logged"]] == [1, 2, 3] and r1["logged"] == []
+    assert r1["history"] == [] and r1["erank_ref"] is None
+    saved = json.loads((tmp_path / "dp" / HISTORY_NAME).read_text())  # by rank 0
+    assert [h["step"] for h in saved["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sharded_models_are_measured_on_every_rank_in_lockstep(tmp_path):
+    """2 gloo ranks, both models sharded by FSDP2: both ranks run the same forwards and
+    generations (a rank that skipped them would hang the other in a collective), rank 0
+    alone logs, and the figures and generated tokens are those of the whole model."""
+    r0, r1 = _monitor_ranks("fsdp", tmp_path)
+    assert [r0["calls"], r1["calls"]] == [EVERYTHING, EVERYTHING]
+    assert r0["sharded"] and r1["sharded"]
+    assert r1["history"] == r0["history"] and r1["said"] == r0["said"]
+    assert [h["step"] for h in r0["logged"]] == [1, 2, 3] and r1["logged"] == []
+    whole, _ = _monitor_ranks("dp", tmp_path)
+    assert r0["said"] == whole["said"] and len(r0["said"]) == 3 * 2
+    assert r0["erank_ref"] == pytest.approx(whole["erank_ref"], rel=1e-5)
+    for got, want in zip(r0["history"], whole["history"], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_measures_theta_on_every_rank_and_phi_on_rank_zero(tiny, tmp_path):
+    """``mdgd train --deepspeed <ZeRO-3>`` on 2 gloo ranks: theta is partitioned, so both
+    ranks run its forwards and generations (``synced_gpus``); phi is still whole when
+    training starts (mdgd train loads it whole), so rank 0 alone measures it."""
+    pytest.importorskip("deepspeed")
+    d = tiny["llava"]
+    rows = json.loads((d / "data.json").read_text())
+    data = tmp_path / "images_only.json"  # under ZeRO-3 the ranks' batches agree on images
+    data.write_text(json.dumps([r for r in rows if "image" in r]))
+    eval_file = tmp_path / "eval.json"
+    eval_file.write_text(json.dumps(rows[:6]))
+    counts = tmp_path / "counts"
+    counts.mkdir()
+    common = {"max_steps": 3, "monitor-steps": 2, "eval-data": eval_file}
+    argv = flags(d, tmp_path / "out", data=data, ddp_backend="gloo", ddp_timeout=120, **common)
+    argv += ["--eval-max-new-tokens", "3", "--deepspeed", os.path.join(DATA, "llava_zero3.json")]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        MDGD_COUNTS=str(counts),
+        PYTHONPATH=os.pathsep.join([ROOT, HELPERS]),
+    )
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += ["-m", "mdgd_counted", "train", *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    calls = [json.loads((counts / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    # theta at steps 1, 2 and 3 on both ranks; phi once, on rank 0
+    assert calls == [{"visual_erank": 4, "exact_match": 3}, {"visual_erank": 3, "exact_match": 3}]
+    history = json.loads((tmp_path / "out" / HISTORY_NAME).read_text())["history"]
+    assert [h["step"] for h in history] == [1, 2, 3] and all("mdgd/erank_ref" in h for h in history)
