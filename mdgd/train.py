@@ -8,20 +8,23 @@ Every ``transformers.TrainingArguments`` flag is accepted (``--output_dir``,
 ``--save_steps``, ``--report_to``, ``--resume_from_checkpoint``, ...), plus the
 flags of :class:`TrainArguments`. ``docs/train.md`` has the full recipe.
 
-What it does: loads the model and its processor with ``from_pretrained``; makes
-the frozen reference copy (phi) in memory, before anything changes, so the
-weights are read from disk once; tokenizes the data with the processor's chat
-template (:mod:`mdgd.data`); trains with :class:`mdgd.integrations.hf.MDGDTrainer`
-(``--mode lora``: peft adapters, trained by plain fine-tuning) with the
-forgetting monitor (:mod:`mdgd.monitor`); saves the final model (LoRA: merged;
-the adapter too) with the processor, and prints a short summary, also written
-to ``train_summary.json``. Under ``torchrun`` / ``accelerate launch`` the
-engine runs in data-parallel mode.
+What it does: indexes and checks the data (:mod:`mdgd.data`: one streaming pass,
+cached, so bad data fails before any weight is read and a relaunch starts at
+once); loads the model and its processor with ``from_pretrained``; makes the
+frozen reference model phi in memory, before anything changes, sharing the
+model's frozen modules (:func:`mdgd.reference_model`); trains with
+:class:`mdgd.integrations.hf.MDGDTrainer` (``--mode lora``: peft adapters,
+trained by plain fine-tuning) with the forgetting monitor (:mod:`mdgd.monitor`),
+the samples read, decoded and tokenized lazily in the DataLoader workers; saves
+the final model (LoRA: merged; the adapter too) with the processor, and prints a
+short summary, also written to ``train_summary.json``. Under ``torchrun`` /
+``accelerate launch`` the engine runs data-parallel, or sharded with ``--fsdp
+full_shard --fsdp_config '{"fsdp_version": 2}'`` (MDGD's own FSDP2 path) or
+``--deepspeed CONFIG``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -36,7 +39,8 @@ import torch
 import mdgd_kernels
 
 from .config import MDGDConfig, llava_trainable_patterns, mark_trainable
-from .data import Collator, DataError, LlavaDataset, image_files
+from .data import SKIPPED, Collator, DataError, LlavaDataset
+from .reference import reference_model
 
 MODES = (*mdgd_kernels.MODES, "lora")  # the op's modes, and peft LoRA
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +61,12 @@ class TrainArguments:
     model: str = field(
         metadata={"help": "checkpoint directory or hub id, loaded with from_pretrained"}
     )
-    data: str = field(metadata={"help": "LLaVA-format training data (.json list or .jsonl)"})
+    data: str = field(
+        metadata={
+            "help": "LLaVA-format training data: a .json list, .jsonl, or LLaVA-NeXT's .yaml "
+            "list of them"
+        }
+    )
     image_folder: str | None = field(
         default=None,
         metadata={
@@ -103,6 +112,29 @@ class TrainArguments:
         metadata={
             "help": "maximum tokens per sample (image tokens included); longer samples "
             "are truncated, those whose answers would be cut entirely dropped"
+        },
+    )
+    on_bad_sample: str = field(
+        default="raise",
+        metadata={
+            "help": "a sample that fails (an image that does not decode, a bad record): raise "
+            "(stop, naming it) or skip (replace it by the next sample of its modality, counted)",
+            "choices": ("raise", "skip"),
+        },
+    )
+    group_by_modality_length: bool | None = field(
+        default=None,
+        metadata={
+            "help": "LLaVA's sampler: every optimizer step's samples all have images or are all "
+            "text-only (but one of the last two), lengths grouped (default: on under --fsdp "
+            "and --deepspeed, which need it)"
+        },
+    )
+    data_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder of the data index cache (default: $MDGD_DATA_CACHE or "
+            "~/.cache/mdgd/data)"
         },
     )
     monitor_steps: int = field(
@@ -156,15 +188,18 @@ def build_parser():
     )
 
 
-def load_model(path: str, dtype: torch.dtype):
-    """(model, processor) of a supported vision-language checkpoint, or a TrainError."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+def load_processor(path: str):
+    """(config, processor) of a supported vision-language checkpoint, or a TrainError."""
+    from transformers import AutoConfig, AutoProcessor
 
+    if looks_local(path) and not os.path.isdir(path):
+        raise TrainError(f"--model {path}: no such directory")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
+        where = "" if os.path.exists(path) else "not a local directory, and "
         raise TrainError(
-            f"--model {path}: cannot load its config ({str(e).splitlines()[0]})"
+            f"--model {path}: {where}cannot load its config ({str(e).splitlines()[0]})"
         ) from e
     image_token = getattr(config, "image_token_id", None)
     if image_token is None:
@@ -186,6 +221,25 @@ def load_model(path: str, dtype: torch.dtype):
             f"--model {path}: its processor has no chat template; save one with the processor "
             "(chat_template.jinja) so that prompts are rendered as at inference time"
         )
+    return config, processor
+
+
+def looks_local(path: str) -> bool:
+    """Whether ``--model`` names a directory rather than a hub id (``org/name``)."""
+    return (
+        path.startswith(("/", "./", "../", "~", "."))
+        or path.count("/") > 1
+        or path.endswith("/")
+        or os.sep != "/"
+        and os.sep in path
+    )
+
+
+def load_model(path: str, config, dtype: torch.dtype):
+    """The checkpoint's weights as an image-text-to-text model (``config`` from load_processor)."""
+    from transformers import AutoModelForImageTextToText
+
+    kind = f"{'/'.join(config.architectures or [])} (model_type {config.model_type!r})"
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     except ValueError as e:  # e.g. a configuration class the auto mapping does not know
@@ -194,7 +248,21 @@ def load_model(path: str, dtype: torch.dtype):
             f"({str(e).splitlines()[0]})"
         ) from e
     model.config.use_cache = False
-    return model, processor
+    return model
+
+
+def load_data(opts: TrainArguments, args, processor, config) -> LlavaDataset:
+    """The training data, indexed and checked (before any weight is loaded)."""
+    return LlavaDataset(
+        opts.data,
+        processor,
+        opts.image_folder,
+        opts.max_length,
+        getattr(config, "image_token_id", None),  # None: the processor's
+        on_bad_sample=opts.on_bad_sample,
+        cache_dir=opts.data_cache,
+        progress=not args.disable_tqdm,
+    )
 
 
 def _lora(model, rank: int, targets: str):
@@ -206,8 +274,14 @@ def _lora(model, rank: int, targets: str):
         return get_peft_model(model, cfg)
 
 
-def mdgd_config(opts: TrainArguments, model) -> MDGDConfig:
+def mdgd_config(opts: TrainArguments, model, distributed: str = "auto") -> MDGDConfig:
+    """``distributed``: ``"fsdp"`` for MDGD's own FSDP2 path (``--fsdp``), else ``"auto"``."""
     if opts.mode == "lora":
+        if distributed != "auto":
+            raise TrainError(
+                "--mode lora with --fsdp is not supported (the sharded model is not merged): "
+                "drop --fsdp, or pass --mode ft"
+            )
         return MDGDConfig(mode="ft")  # peft marked the adapters trainable
     patterns = opts.trainable
     if patterns is None:
@@ -215,7 +289,13 @@ def mdgd_config(opts: TrainArguments, model) -> MDGDConfig:
             patterns = llava_trainable_patterns(model, opts.train_layers, projector=opts.projector)
         except ValueError as e:
             raise TrainError(f"{e}; pass --trainable REGEX...") from e
-    return MDGDConfig(mode=opts.mode, alpha=opts.alpha, align=opts.align, trainable=patterns)
+    return MDGDConfig(
+        mode=opts.mode,
+        alpha=opts.alpha,
+        align=opts.align,
+        trainable=patterns,
+        distributed=distributed,
+    )
 
 
 def cast_trainable(models: list, patterns, opts: TrainArguments, args) -> None:
@@ -234,12 +314,13 @@ def cast_trainable(models: list, patterns, opts: TrainArguments, args) -> None:
 
 def probe_batches(dataset: LlavaDataset, n: int, pad_id: int, batch_size: int = 4) -> list[dict]:
     """The first ``n`` training samples with images, collated in small batches."""
-    idx = [i for i, r in enumerate(dataset.records) if image_files(r)][:n]
+    idx = (dataset.modality_lengths > 0).nonzero()[0][:n].tolist()
     collate = Collator(pad_id)
-    return [
+    batches = [
         collate([dataset[i] for i in idx[k : k + batch_size]])
         for k in range(0, len(idx), batch_size)
     ]
+    return [{k: v for k, v in b.items() if k != SKIPPED} for b in batches]
 
 
 @dataclass
@@ -255,22 +336,24 @@ class Run:
 
 def prepare(opts: TrainArguments, args) -> Run:
     """Load the model, processor and data, and build the Trainer and the monitor."""
-    from .distributed.trainer import prepare_launch, whole_model_loading
+    from .distributed.trainer import launch_mode, prepare_launch, whole_model_loading
     from .integrations.hf import MDGDTrainer
 
     if opts.mode not in MODES:
         raise TrainError(f"--mode must be one of {MODES}, got {opts.mode!r}")
     prepare_launch(args)
+    try:
+        distributed = launch_mode(args)  # --fsdp: MDGD's own FSDP2 path, or an error
+    except ValueError as e:
+        raise TrainError(str(e)) from e
+    model_config, processor = load_processor(opts.model)
+    train_set = load_data(opts, args, processor, model_config)  # bad data fails before the weights
     with whole_model_loading(args):
-        model, processor = load_model(opts.model, DTYPES[opts.dtype])
-        ref = copy.deepcopy(model) if opts.mode in ("mdgd", "gm") else None  # no second read
-    image_token_id = getattr(model.config, "image_token_id", None)  # None: the processor's
-    train_set = LlavaDataset(
-        opts.data, processor, opts.image_folder, opts.max_length, image_token_id
-    )
+        model = load_model(opts.model, model_config, DTYPES[opts.dtype])
     if opts.mode == "lora":
         model = _lora(model, opts.lora_rank, opts.lora_targets)
-    config = mdgd_config(opts, model)
+    config = mdgd_config(opts, model, distributed)
+    ref = reference_model(model, config.trainable) if opts.mode in ("mdgd", "gm") else None
     if config.trainable is not None:
         cast_trainable([model, ref], config.trainable, opts, args)
     pad_id = processor.tokenizer.pad_token_id
@@ -284,6 +367,7 @@ def prepare(opts: TrainArguments, args) -> Run:
         train_dataset=train_set,
         data_collator=Collator(pad_id),
         processing_class=processor,
+        group_by_modality_length=opts.group_by_modality_length,
     )
     # phi: the reference model, or the model itself before any update (ft, lora)
     monitor = build_monitor(trainer, opts, train_set, ref if ref is not None else model, pad_id)
@@ -355,7 +439,21 @@ def _last(logs: list[dict], key: str) -> float:
     return [h[key] for h in logs if key in h][-1]
 
 
+def ranks_sum(n: int) -> int:
+    """``n`` summed over the ranks (every rank calls it), or ``n`` in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return n
+    total = [0] * dist.get_world_size()
+    dist.all_gather_object(total, n)
+    return sum(total)
+
+
 def make_summary(trainer, result, seconds: float, data: LlavaDataset, monitor, out) -> dict:
+    """The run's summary; every rank calls it (the per-rank bytes are gathered)."""
+    from .distributed.trainer import rank_bytes
+
     logs = trainer.state.log_history
     keys = sorted({k for h in logs for k in h if k.startswith(("mdgd/", "eval/"))})
     figures = {k: v for k in keys if not math.isnan(v := _last(logs, k))}  # ft: no MDGD figures
@@ -372,7 +470,9 @@ def make_summary(trainer, result, seconds: float, data: LlavaDataset, monitor, o
         "samples": len(data),
         "text_only_samples": data.num_text_only,
         "dropped_samples": len(data.dropped),
+        "skipped_samples": len(data.invalid) + ranks_sum(trainer.skipped_samples),
         "figures": figures,
+        "memory": rank_bytes(trainer),  # per rank: params (both models), grad buffers, optimizer
         "outputs": where,
     }
 
@@ -386,10 +486,18 @@ def format_summary(s: dict) -> str:
         f"({num(s['samples_per_second'])} samples/s), loss {num(s['first_loss'])} -> "
         f"{num(s['final_loss'])}",
         f"  data: {s['samples']} samples ({s['text_only_samples']} text-only), "
-        f"{s['dropped_samples']} dropped for --max-length",
+        f"{s['dropped_samples']} dropped for --max-length, {s['skipped_samples']} skipped "
+        "as bad (--on-bad-sample skip)",
     ]
     if s["figures"]:
         lines.append("  " + ", ".join(f"{k} {num(v)}" for k, v in s["figures"].items()))
+    if s.get("memory"):
+        held = "; ".join(
+            f"rank {r}: parameters {b['params'] / 2**20:.2f}, gradient buffers "
+            f"{b['grad_buffers'] / 2**20:.2f}, optimizer state {b['optimizer'] / 2**20:.2f}"
+            for r, b in enumerate(s["memory"]["per_rank"])
+        )
+        lines.append(f"  MiB held per rank ({s['memory']['mode']}): {held}")
     lines += [f"  {k}: {v}" for k, v in s["outputs"].items()]
     return "\n".join(lines)
 

@@ -159,7 +159,8 @@ def test_result_files_follow_one_naming_scheme(monkeypatch, tmp_path):
         results.result_name("ops", "cpu", "bf16", started, ["a/b"])
     for committed in (BENCHMARKS / "results").glob("*.json"):
         name = committed.name.split("-")
-        assert name[0] in ("ops", "step") and name[-1].endswith("Z.json"), committed.name
+        assert name[0] in ("ops", "step", "startup"), committed.name
+        assert name[-1].endswith("Z.json"), committed.name
         data = json.loads(committed.read_text())
         assert (name[1], name[2]) == (data["machine"]["device"], _dtype(data)), committed.name
 

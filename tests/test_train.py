@@ -82,7 +82,7 @@ def test_tokens_equal_the_processors_own_chat_encoding(tiny):
     )
     ds = LlavaDataset(d / "data.json", proc, d / "images")
     for i in (1, 2):  # two turns with an image; text-only
-        rec = ds.records[i]
+        rec = ds.record(i)
         messages = to_messages(rec["conversations"])
         for part in messages[0]["content"]:
             if part["type"] == "image":
@@ -118,19 +118,22 @@ def test_labels_of_the_second_family(tiny):
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])
-def test_start_up_token_counts_equal_the_full_encoding(tiny, family):
-    """The dataset is built from the images' sizes only: exact for every sample."""
+def test_start_up_token_counts_bound_or_equal_the_full_encoding(tiny, family):
+    """The index is built from the images' sizes only: each sample's token bound is at least
+    its full encoding's length, and where it is exact (forced by a small max_length) equal."""
     d = tiny[family]
     proc = AutoProcessor.from_pretrained(d / "model")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fall-back to processing every image
-        ds = LlavaDataset(d / "data.json", proc, d / "images")
-    assert ds._fast
-    for i, rec in enumerate(ds.records):
-        sizes = ds._open(i, rec, convert=False)
-        counted, full = ds._counted(i, rec, sizes), ds[i]
-        for key in ("input_ids", "labels"):
-            assert torch.equal(counted[key], full[key]), (i, key)
+        loose = LlavaDataset(d / "data.json", proc, d / "images", cache=False)
+        tight = LlavaDataset(d / "data.json", proc, d / "images", max_length=1000, cache=False)
+    assert not loose.index.exact.any()
+    tight_exact = tight.index.exact
+    for i in range(len(loose)):
+        n = loose[i]["input_ids"].shape[0]
+        assert loose.index.tokens[i] >= n, i
+        if tight_exact[i]:
+            assert tight.index.tokens[i] == n, i
 
 
 def test_truncation_keeps_what_fits_and_drops_cut_answers(tiny):
@@ -298,7 +301,9 @@ def test_missing_image_names_the_sample_and_path(tiny, tmp_path, capsys):
 def test_malformed_json_names_the_line(tiny, tmp_path, capsys):
     d = tiny["llava"]
     bad = tmp_path / "bad.json"
-    bad.write_text('[\n {"id": "a", "conversations": []},\n {"id": "b",, }\n]')
+    turns = '[{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]'
+    ok = f'{{"id": "a", "conversations": {turns}}}'
+    bad.write_text(f'[\n {ok},\n {{"id": "b",, }}\n]')
     line = _fails(capsys, flags(d, tmp_path, data=bad))
     assert f"{bad}: not valid JSON at line 3, column 13" in line
     rows = (d / "data.json").read_text()
@@ -344,6 +349,35 @@ def test_unsupported_model(tiny, tmp_path, capsys):
     ).save_pretrained(tmp_path / "llama")
     line = _fails(capsys, flags(tiny["llava"], tmp_path, model=tmp_path / "llama"))
     assert "LlamaForCausalLM (model_type 'llama') is not a supported vision-language model" in line
+
+
+def test_bad_data_fails_before_the_model_loads(tiny, tmp_path, capsys, monkeypatch):
+    """Each start-up data error is one line, and no weight was read before it."""
+    import mdgd.train
+
+    def no_weights(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(mdgd.train, "load_model", no_weights)
+    d = tiny["llava"]
+
+    def assistant_first(rows):
+        rows[9]["conversations"] = rows[9]["conversations"][1:]
+
+    line = _fails(capsys, flags(d, tmp_path, data=_data_copy(d, tmp_path, assistant_first)))
+    assert "sample 9 (id 's09'): the conversation starts with an assistant ('gpt') turn" in line
+    latin1 = tmp_path / "latin1.json"
+    text = (d / "data.json").read_text().replace('"say ', '"sày ', 1)
+    latin1.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xe0")
+    line = _fails(capsys, flags(d, tmp_path, data=latin1))
+    assert f"{latin1}: not UTF-8: byte 0xe0 at byte offset {offset} " in line
+
+
+def test_missing_local_model_directory(tiny, tmp_path, capsys):
+    for path in (tmp_path / "no-such-model", "./runs/typo/model"):
+        line = _fails(capsys, flags(tiny["llava"], tmp_path, model=path))
+        assert line == f"mdgd train: error: --model {path}: no such directory"
 
 
 def test_cli_help_lists_the_flags(capsys):
