@@ -170,9 +170,10 @@ def test_trainer_with_llava_configs_equals_dp_and_resumes(trainer_results):
 def test_mdgd_train_deepspeed_zero3_equals_one_process(tmp_path_factory, tmp_path):
     """``mdgd train --deepspeed <LLaVA's zero3.json>`` on 2 gloo ranks, batch 2 each, under
     torchrun and under DeepSpeed's own launcher (``deepspeed --num_gpus 2``, which on CPU
-    starts 2 local processes) == one process with 2 micro-batches of 2. The data are the
-    image samples only: under ZeRO-3 the ranks' micro-batches must agree on having images
-    (the text-only error is tested with the engine)."""
+    starts 2 local processes) == one process with 2 micro-batches of 2, both sampled by
+    modality (on by default under DeepSpeed). The data are the image samples only: under
+    ZeRO-3 the ranks' micro-batches must agree on having images (the text-only error is
+    tested with the engine)."""
     import json
     import shutil
     import subprocess
@@ -202,7 +203,12 @@ def test_mdgd_train_deepspeed_zero3_equals_one_process(tmp_path_factory, tmp_pat
         cmd = [*launcher, "train", *argv, "--deepspeed", zero3]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, name + proc.stdout[-3000:] + proc.stderr[-3000:]
-    opts, args = parse(flags(d, tmp_path / "one", gradient_accumulation_steps=2, **common))
+    # DeepSpeed turns on LLaVA's modality grouping; its order depends only on the samples
+    # per optimizer step (2 ranks x 2 = 2 micro-batches x 2) when no tail is left over
+    grouped = {"group-by-modality-length": "true"}
+    opts, args = parse(
+        flags(d, tmp_path / "one", gradient_accumulation_steps=2, **grouped, **common)
+    )
     run(opts, args, prepare(opts, args))
     one = load_file(tmp_path / "one" / "model.safetensors")
     start = load_file(d / "model" / "model.safetensors")

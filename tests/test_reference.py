@@ -56,9 +56,9 @@ def patterns(model) -> list[str]:
     return llava_trainable_patterns(model, 2)
 
 
-def build(lean: bool, mode: str = "mdgd", ckpt: bool = False, **model_kw):
-    """(engine, theta): phi built from theta (lean or deep copy), then theta's trainable
-    parameters perturbed, as if training had moved them (so that L_v != 0 at once)."""
+def models(lean: bool, ckpt: bool = False, **model_kw):
+    """(theta, phi, patterns): phi built from theta (lean or deep copy), then theta's
+    trainable parameters perturbed, as if training had moved them (so L_v != 0 at once)."""
     theta = tiny_llava(seed=0, **model_kw)
     pats = patterns(theta)
     mark_trainable(theta, pats)
@@ -70,6 +70,12 @@ def build(lean: bool, mode: str = "mdgd", ckpt: bool = False, **model_kw):
         for p in theta.parameters():
             if p.requires_grad:
                 p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return theta, ref, pats
+
+
+def build(lean: bool, mode: str = "mdgd", ckpt: bool = False, **model_kw):
+    """(engine, theta) over :func:`models`."""
+    theta, ref, pats = models(lean, ckpt, **model_kw)
     opt = torch.optim.AdamW([p for p in theta.parameters() if p.requires_grad], lr=1e-2)
     cfg = MDGDConfig(mode=mode, alpha=0.3, trainable=pats)
     engine = MDGDEngine(theta, ref, opt, cfg)
@@ -439,15 +445,7 @@ def rank_run(dmode: str, lean: bool, rank: int, shard_frozen: bool = True) -> di
     """Two steps on this rank's micro-batches; theta's full parameters and the figures."""
     from mdgd import shard_models
 
-    theta = tiny_llava(seed=0)
-    pats = patterns(theta)
-    mark_trainable(theta, pats)
-    ref = reference_model(theta, pats) if lean else copy.deepcopy(theta)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in theta.parameters():
-            if p.requires_grad:
-                p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    theta, ref, pats = models(lean)
     if dmode == "fsdp":
         shard_models(theta, ref, shard_frozen=shard_frozen)
     calls = count_calls(theta.model.vision_tower.embeddings)
@@ -474,24 +472,20 @@ def rank_main(out: str) -> None:
     import datetime
 
     import torch.distributed as dist
+    from launch import run_rank
 
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
-    try:
+
+    def body() -> None:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
         result = {
             f"{mode}-{frozen}": [rank_run(mode, lean, rank, frozen) for lean in (False, True)]
             for mode, frozen in RANK_CASES
         }
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    except BaseException:
-        import traceback
 
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)  # skip destroy_process_group: a peer may already be gone
+    run_rank(body)
 
 
 def test_two_ranks_dp_and_fsdp2_equal_the_deep_copy(tmp_path):

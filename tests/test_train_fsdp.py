@@ -51,15 +51,41 @@ def tiny(tmp_path_factory):
     return d
 
 
-def torchrun(argv: list[str]) -> str:
-    """``mdgd train`` on 2 gloo ranks; returns its output."""
+def torchrun(argv: list[str], ok: bool = True) -> subprocess.CompletedProcess:
+    """``mdgd train`` on 2 gloo ranks (``ok``: asserted to succeed)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc-per-node", str(WORLD), "-m", "mdgd", "train", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
+    assert proc.returncode == 0 or not ok, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+@pytest.mark.slow  # one 2-rank run of 12 steps: about 30 s
+def test_fsdp_trains_a_mixed_epoch_grouped_by_modality(tiny, tmp_path):
+    """47 samples, 32 with an image and 15 text-only, one epoch: under FSDP2 the sampler
+    groups by modality by default, so every micro-step's ranks agree on having images
+    (else every rank raises); the text-only group is padded by one repeat to a multiple of
+    2 ranks x batch 2, so the epoch is (32 + 16) / 4 = 12 steps."""
+    d = tiny
+    rows = json.loads((d / "data.json").read_text())
+    text = [i for i, r in enumerate(rows) if "image" not in r]
+    assert (len(rows), len(text)) == (48, 16)
+    del rows[text[0]]
+    (tmp_path / "mixed.json").write_text(json.dumps(rows))
+    common = dict(data=tmp_path / "mixed.json", max_steps=None, num_train_epochs=1)
+    common.update({"ddp_backend": "gloo", "ddp_timeout": 120, "monitor-steps": 0})
+    torchrun(flags(d, tmp_path / "out", **common) + FSDP)
+    summary = json.loads((tmp_path / "out" / SUMMARY_NAME).read_text())
+    assert summary["steps"] == 12
+    assert (summary["samples"], summary["text_only_samples"]) == (47, 15)
+    # without the grouping the Trainer's random order mixes them: every rank stops with
+    # an error that names the flag
+    argv = flags(d, tmp_path / "mixed", **common, **{"group-by-modality-length": "false"})
+    proc = torchrun(argv + FSDP, ok=False)
+    assert proc.returncode != 0
+    assert "must all have images or all be text-only" in proc.stderr
+    assert "--group-by-modality-length" in proc.stderr
 
 
 def local_numel(shape: torch.Size, rank: int, world: int) -> int:
@@ -92,7 +118,8 @@ def test_fsdp_shards_and_equals_data_parallel(tiny, tmp_path):
     common.update(optim="sgd", optim_args=f"momentum={MOMENTUM}", learning_rate=LR)
     common.update({"ddp_backend": "gloo", "ddp_timeout": 120, "monitor-steps": 0})
     torchrun(flags(d, tmp_path / "dp", **common))
-    printed = torchrun(flags(d, tmp_path / "fsdp", **common) + FSDP)
+    proc = torchrun(flags(d, tmp_path / "fsdp", **common) + FSDP)
+    printed = proc.stdout + proc.stderr
     s = {k: json.loads((tmp_path / k / SUMMARY_NAME).read_text()) for k in ("dp", "fsdp")}
     config = json.loads((tmp_path / "fsdp" / "mdgd_config.json").read_text())
     assert config["distributed"] == "fsdp"
@@ -100,8 +127,8 @@ def test_fsdp_shards_and_equals_data_parallel(tiny, tmp_path):
     assert "MiB held per rank (fsdp): rank 0: parameters" in printed
 
     # (a) it shards: each rank holds its FSDP2 shards of both models (phi sharded on its
-    # own, so with copies of any frozen module it shared with theta), dp ranks everything
-    # (phi may share theta's frozen modules there)
+    # own, so with copies of the frozen modules it shares with theta under dp), dp ranks
+    # everything (phi sharing theta's frozen modules: mdgd.reference_model)
     model = AutoModelForImageTextToText.from_pretrained(d / "model")
     shapes = {n: p.shape for n, p in model.named_parameters()}
     trainable = sorted(load_file(tmp_path / "fsdp" / "mdgd_trainable.safetensors"))
@@ -110,7 +137,7 @@ def test_fsdp_shards_and_equals_data_parallel(tiny, tmp_path):
     assert len(dp) == len(fsdp) == WORLD
     whole = [expected_bytes(shapes, trainable, 0, 1, lean) for lean in (False, True)]
     for rank in range(WORLD):
-        assert dp[rank] in whole, rank
+        assert dp[rank] == whole[1], rank
         assert fsdp[rank] == expected_bytes(shapes, trainable, rank, WORLD), rank
     for key in ("params", "grad_buffers", "optimizer"):  # the shards partition the whole
         assert sum(b[key] for b in fsdp) == whole[0][key], key

@@ -14,13 +14,13 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from launch import run_rank  # noqa: E402
 from llava_tiny import perturbed_copy, random_batch, text_only_batch, tiny_llava  # noqa: E402
 
 from mdgd import MDGDConfig, MDGDEngine, llava_trainable_patterns, mark_trainable  # noqa: E402
@@ -62,7 +62,8 @@ def main() -> None:
     out = sys.argv[1]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    try:
+
+    def body() -> None:
         dist.init_process_group(
             "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
         )
@@ -72,12 +73,8 @@ def main() -> None:
             figures = [engine.step(mix_batch(theta.config, rank, s)) for s in range(STEPS)]
             results[mode] = (flat_params(theta, engine), figures)
         torch.save(results, os.path.join(out, f"mix-{rank}.pt"))
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)
+
+    run_rank(body)
 
 
 if __name__ == "__main__":

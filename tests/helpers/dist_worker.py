@@ -34,7 +34,6 @@ import json
 import os
 import sys
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -42,6 +41,7 @@ from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from launch import run_rank  # noqa: E402
 from llava_tiny import (  # noqa: E402
     Examples,
     checkpoint_activations,
@@ -630,19 +630,16 @@ def main() -> None:
     scenario, out = sys.argv[1], sys.argv[2]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(1)
-    try:
+
+    def body() -> None:
         if not scenario.startswith("trainer"):  # the Trainer's accelerate state makes its own
             dist.init_process_group(
                 "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
             )
         SCENARIOS.update(_fault_scenarios())
         SCENARIOS[scenario](rank, world, out)
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)  # skip destroy_process_group: a peer may already be gone
+
+    run_rank(body)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 launch_ranks([script, *args], timeout=120, what="my scenario")
 launch("steps", out_dir)  # a scenario of dist_worker.py (its SCENARIOS)
+run_rank(body)            # in a rank's script: run it, exit 0, or 1 with the traceback
 """
 
 from __future__ import annotations
@@ -12,9 +13,26 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 WORLD = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_rank(body: Callable[[], object]) -> NoReturn:
+    """A rank's whole run: ``body()``, then exit 0, or 1 with the traceback printed. It
+    exits with ``os._exit``, skipping ``destroy_process_group``: a peer may already be
+    gone, and the group's teardown would wait for it."""
+    try:
+        body()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def free_port() -> int:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
-import traceback
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dist_worker import make_trainer  # noqa: E402
+from launch import run_rank  # noqa: E402
 from llava_tiny import PAD_ID, random_batch, trainer_args  # noqa: E402
 
 import mdgd.monitor as monitor  # noqa: E402
@@ -91,17 +91,14 @@ def run(dmode: str, out: str, calls: dict[str, int]) -> dict:
 def main() -> None:
     dmode, out = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
-    try:
+
+    def body() -> None:
         calls: dict[str, int] = {}
         count_calls(calls)
         result = run(dmode, out, calls)
         torch.save(result, os.path.join(out, f"{dmode}-{os.environ['RANK']}.pt"))
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)  # skip destroy_process_group: a peer may already be gone
+
+    run_rank(body)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from launch import run_rank  # noqa: E402
 from llava_tiny import MixedExamples, collate, tiny_llava, trainer_args  # noqa: E402
 
 from mdgd import MDGDConfig  # noqa: E402
@@ -85,18 +85,15 @@ def train(out: str, name: str, resume: str | None = None) -> list[list[int]]:
 def main() -> None:
     out, rank = sys.argv[1], int(os.environ["RANK"])
     torch.set_num_threads(1)
-    try:
+
+    def body() -> None:
         result = {"full": train(out, "full")}
         checkpoint = os.path.join(out, "full", f"checkpoint-{SAVE_AT}")
         result["resumed"] = train(out, "resumed", checkpoint)
         with open(os.path.join(out, f"resume-{rank}.json"), "w") as f:
             json.dump(result, f)
-    except BaseException:
-        traceback.print_exc()
-        sys.stdout.flush()
-        os._exit(1)
-    sys.stdout.flush()
-    os._exit(0)  # skip destroy_process_group: a peer may already be gone
+
+    run_rank(body)
 
 
 if __name__ == "__main__":
