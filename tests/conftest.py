@@ -33,7 +33,7 @@ register_profiles()
 def pytest_configure(config):
     """The data-index cache of ``mdgd train`` goes to a folder of this session (subprocesses
     inherit it), not the user's ~/.cache."""
-    if "MDGD_DATA_CACHE" not in os.environ:
+    if not os.environ.get("MDGD_DATA_CACHE"):
         import tempfile
 
         os.environ["MDGD_DATA_CACHE"] = tempfile.mkdtemp(prefix="mdgd-data-cache-")

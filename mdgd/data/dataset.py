@@ -78,7 +78,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         self._first = first_special(processor)
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
-        self.index = self._load_index(cache_dir if cache else False, progress)
+        where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.index = self._load_index(where if cache else None, progress)
         self.modality_lengths = self.index.lengths
         self.dropped = self.index.dropped
         self.invalid = self.index.invalid
@@ -96,10 +97,13 @@ class LlavaDataset(torch.utils.data.Dataset):
                 stacklevel=2,
             )
         if len(self) == 0:
-            raise DataError(f"{self.path}: no sample left after truncation to {max_length} tokens")
+            raise DataError(
+                f"{self.path}: no sample left ({len(self.dropped)} dropped for max_length="
+                f"{max_length}, {len(self.invalid)} bad)"
+            )
         self.num_text_only = int((self.modality_lengths < 0).sum())
 
-    def _load_index(self, cache_dir, progress: bool):
+    def _load_index(self, cache_dir: Path | None, progress: bool):
         bounds = TokenBound(self.processor, self._first)
         builder = Builder(
             self.image_folder,
@@ -110,8 +114,6 @@ class LlavaDataset(torch.utils.data.Dataset):
             self.on_bad_sample == "skip",
             self._encode_record,
         )
-        if cache_dir is None:
-            cache_dir = default_cache_dir()
         key = cache_key(
             self.files,
             self.image_folder,
@@ -120,8 +122,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             image_token_id=self.image_token_id,
             on_bad_sample=self.on_bad_sample,
         )
-        where = Path(cache_dir) if cache_dir is not False else None
-        return cached_index(self.files, builder, where, key, progress)
+        return cached_index(self.files, builder, cache_dir, key, progress)
 
     def __len__(self) -> int:
         return len(self.index.offset)

@@ -373,9 +373,17 @@ class Builder:
             return None
         if self.bounds.constant is not None:
             return [self.bounds.constant] * len(files)
+        sizes = [self._size(name, where) for name in files]
         try:
-            return self.bounds.image_counts([self._size(name, where) for name in files])
+            return self.bounds.image_counts(sizes)
         except (AttributeError, NotImplementedError, TypeError, IndexError):
+            self.counts_checked = False
+            warnings.warn(
+                f"{type(self.processor).__name__} does not count its image tokens from the "
+                "image size: samples with images are read and processed while the data is "
+                "indexed (slower start-up, once per data file and processor)",
+                stacklevel=4,
+            )
             return None
 
     def _size(self, name: str, where: str) -> tuple[int, int]:
