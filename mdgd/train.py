@@ -505,7 +505,11 @@ def format_summary(s: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``mdgd train``: returns the exit status; a bad input prints one error line (status 2)."""
     parser = build_parser()
-    opts, args = parser.parse_args_into_dataclasses(args=argv)
+    try:  # TrainingArguments checks its flags on construction (e.g. --fsdp's values)
+        opts, args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as e:
+        print(f"mdgd train: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     try:
         run(opts, args)
     except (DataError, TrainError) as e:

@@ -189,8 +189,10 @@ def test_fsdp_shards_and_equals_data_parallel(tiny, tmp_path):
             "--fsdp_config activation_checkpointing: not supported; pass --gradient_checkpointing",
         ),
         ("full_shard", '{"fsdp_version": 2}', "--fsdp needs several processes: launch with"),
+        # refused by TrainingArguments itself while the flags are parsed: one line too
+        ("hybrid_shard", '{"fsdp_version": 2}', "`fsdp=hybrid_shard`"),
     ],
-    ids=["fsdp1", "offload", "activation-checkpointing", "one-process"],
+    ids=["fsdp1", "offload", "activation-checkpointing", "one-process", "fsdp1-only-option"],
 )
 def test_refused_flags_name_the_flag(tiny, tmp_path, capsys, fsdp, config, message):
     argv = flags(tiny, tmp_path, data=tiny / "four.json")
