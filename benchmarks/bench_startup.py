@@ -8,7 +8,8 @@ multi-turn conversations (1-6 rounds, 85% with one of 8 images, the rest
 text-only) and a tiny LLaVA checkpoint (:func:`mdgd.testing.save_tiny_llava_checkpoint`), then
 launches ``mdgd train`` (``--max_steps 1``, monitor off) under ``torchrun`` with
 1 and with 2 ranks, first with an empty data cache (``fresh``), then again
-(``relaunch``: what a relaunch or a resume pays). Each rank reports, from inside
+(``relaunch``), then resuming from the relaunch's checkpoint (``resume``, one
+more step). Each rank reports, from inside
 the process: the seconds from the launch (the benchmark's clock before starting
 torchrun) to the end of the first optimizer step, its RSS before ``mdgd train``
 built anything (after the imports) and at that step, and its peak RSS. The
@@ -126,10 +127,15 @@ def launch(args, data: Path, model: Path, ranks: int, run: str, cache: Path) -> 
         f"--master-port={args.port + ranks}", str(WORKER),
         "--model", str(model), "--data", str(data), "--output_dir", str(out),
         "--image-folder", str(data.parent / "images"),
-        "--max_steps", "1", "--per_device_train_batch_size", "2", "--monitor-steps", "0",
-        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "true",
+        "--per_device_train_batch_size", "2", "--monitor-steps", "0",
+        "--report_to", "none", "--use_cpu", "true",
         "--max-length", "2048", "--dataloader_num_workers", "0", "--train-layers", "1",
     ]  # fmt: skip
+    if run == "resume":  # from the relaunch's checkpoint: its first step is step 2
+        checkpoint = args.workdir / "runs" / f"relaunch-{ranks}" / "checkpoint-1"
+        cmd += ["--max_steps", "2", "--resume_from_checkpoint", str(checkpoint)]
+    else:  # the relaunch leaves a checkpoint for the resume
+        cmd += ["--max_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode:
         raise RuntimeError(f"{run} with {ranks} rank(s) failed:\n{proc.stderr[-4000:]}")
@@ -142,7 +148,13 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mdgd-bench-startup"))
     parser.add_argument("--src", type=Path, help="import mdgd from this checkout instead")
-    parser.add_argument("--runs", nargs="+", default=["fresh", "relaunch"])
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["fresh", "relaunch", "resume"],
+        choices=["fresh", "relaunch", "resume"],
+        help="in this order: fresh empties the data cache, resume needs relaunch before it",
+    )
     parser.add_argument("--port", type=int, default=29610)
     parser.add_argument("--timeout", type=float, default=7200.0)
     from mdgd_bench.results import add_arguments, save
