@@ -262,6 +262,7 @@ def load_data(opts: TrainArguments, args, processor, config) -> LlavaDataset:
         on_bad_sample=opts.on_bad_sample,
         cache_dir=opts.data_cache,
         progress=not args.disable_tqdm,
+        shared_build=True,  # every rank builds it (prepare runs on each)
     )
 
 

@@ -269,3 +269,37 @@ def test_skip_leaves_out_bad_records_at_start_up(tiny, tmp_path):
         warnings.simplefilter("ignore")
         with pytest.raises(DataError, match="sample 7"):
             LlavaDataset(path, proc, d / "images", cache=False)
+
+
+# ---------------------------------------------------------------------- ranks build it together
+
+
+def _shared_build(d, data, out) -> list[dict]:
+    from launch import HERE, WORLD, launch_ranks
+
+    out.mkdir()
+    worker = f"{HERE}/data_index_worker.py"
+    args = [str(data), str(d / "images"), str(d / "model"), str(out)]
+    launch_ranks([worker, *args], timeout=120, what="the shared index build")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ranks_index_together_as_one_process_does(tiny, tmp_path):
+    """2 gloo ranks, each checking every other sample, gather the same index as one
+    process alone; a bad sample in one rank's share stops both with its message."""
+    d = tiny["llava"]
+    alone = LlavaDataset(
+        d / "data.json", AutoProcessor.from_pretrained(d / "model"), d / "images", cache=False
+    )
+    for rank in _shared_build(d, d / "data.json", tmp_path / "ok"):
+        assert rank["len"] == len(alone)
+        for key in index_mod.Index.ARRAYS:
+            assert (rank[key] == getattr(alone.index, key)).all(), key
+    assert len(list((tmp_path / "ok" / "cache").glob("*.npz"))) == 1  # one writer
+
+    def spoil(rows):
+        rows[7]["conversations"] = [{"from": "robot", "value": "hi"}]  # the 2nd rank's share
+
+    bad = _copy(d, tmp_path, spoil)
+    for rank in _shared_build(d, bad, tmp_path / "bad"):
+        assert "sample 7 (id 's07'): turn 0 must be" in rank["error"]

@@ -29,6 +29,10 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     ``path`` is a JSON list, a JSON Lines file, or LLaVA-NeXT's YAML list of them.
 
+    ``shared_build=True``: every rank of the default process group builds the dataset
+    (as ``mdgd train`` does); they index the file together, each checking every W-th
+    sample (one all-gather), instead of one building while the others wait.
+
     A sample that fails in ``__getitem__`` (an image that does not decode, a
     template that refuses it) raises a :class:`DataError` naming it
     (``on_bad_sample="raise"``), or is replaced by the next sample of the same
@@ -56,6 +60,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         cache_dir: str | os.PathLike | None = None,
         cache: bool = True,
         progress: bool = True,
+        shared_build: bool = False,
     ) -> None:
         if on_bad_sample not in BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE}, got {on_bad_sample!r}")
@@ -79,7 +84,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         self._handles: dict[int, object] = {}
         self._pid = os.getpid()
         where = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.index = self._load_index(where if cache else None, progress)
+        self.index = self._load_index(where if cache else None, progress, shared_build)
         self.modality_lengths = self.index.lengths
         self.dropped = self.index.dropped
         self.invalid = self.index.invalid
@@ -103,7 +108,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             )
         self.num_text_only = int((self.modality_lengths < 0).sum())
 
-    def _load_index(self, cache_dir: Path | None, progress: bool):
+    def _load_index(self, cache_dir: Path | None, progress: bool, shared: bool):
         bounds = TokenBound(self.processor, self._first)
         builder = Builder(
             self.image_folder,
@@ -122,7 +127,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             image_token_id=self.image_token_id,
             on_bad_sample=self.on_bad_sample,
         )
-        return cached_index(self.files, builder, cache_dir, key, progress)
+        return cached_index(self.files, builder, cache_dir, key, progress, shared)
 
     def __len__(self) -> int:
         return len(self.index.offset)

@@ -25,9 +25,11 @@ them, so that bad data fails before the model loads:
   samples.
 
 The index is cached under ``cache_dir`` keyed on the files (path, size, mtime),
-the processor, ``max_length`` and ``on_bad_sample``; ranks on one machine share
-it through a file lock (the first builds it, the others wait and load it), and
-a relaunch or resume loads it in well under a second.
+the processor, ``max_length`` and ``on_bad_sample``. Processes that build it
+apart share it through a file lock (the first builds it, the others wait and load
+it); the ranks of a process group can instead build it together
+(:func:`shared_build`: each checks every W-th sample, one all-gather). A relaunch
+or resume loads it in well under a second.
 """
 
 from __future__ import annotations
@@ -425,21 +427,64 @@ class Builder:
         return Index(files, **arrays, dropped=self.dropped, invalid=self.invalid)
 
 
-def build_index(files: list[DataFile], builder: Builder, progress: bool = True) -> Index:
-    """Scan ``files`` once with ``builder`` (a progress bar over their bytes)."""
+def build_index(
+    files: list[DataFile], builder: Builder, progress: bool = True, share: tuple[int, int] = (0, 1)
+) -> Index:
+    """Scan ``files`` once with ``builder`` (a progress bar over their bytes).
+
+    ``share=(r, n)``: check and bound only every n-th sample from the r-th (the others are
+    decoded, to find where the next lies, and passed over): one part of a
+    :func:`merge`-d index.
+    """
     from tqdm.auto import tqdm
 
     total = sum(f.path.stat().st_size for f in files)
     name = files[0].path.name if len(files) == 1 else f"{len(files)} files"
+    rank, parts = share
+    seen = 0
     with tqdm(
         total=total, unit="B", unit_scale=True, desc=f"mdgd: indexing {name}", disable=not progress
     ) as bar:
         for file_id, file in enumerate(files):
             for position, offset, size, rec in file_samples(file, bar.update):
+                seen += 1
+                if (seen - 1) % parts != rank:
+                    continue
                 builder.add(file_id, file.path, position, offset, size, rec)
                 if len(builder.pending) >= EXACT_BATCH:
                     builder.flush()
     return builder.index([str(f.path) for f in files])
+
+
+def merge(parts: list[Index]) -> Index:
+    """One index from :func:`build_index`'s parts, its samples in file order."""
+    arrays = {k: np.concatenate([getattr(p, k) for p in parts]) for k in Index.ARRAYS}
+    order = np.lexsort((arrays["position"], arrays["file_id"]))
+    return Index(
+        parts[0].files,
+        **{k: v[order] for k, v in arrays.items()},
+        dropped=[d for p in parts for d in p.dropped],
+        invalid=[d for p in parts for d in p.invalid],
+    )
+
+
+def shared_build(files: list[DataFile], builder: Builder, progress: bool) -> Index:
+    """The index built by every rank of the default process group, each checking and
+    bounding its share of the samples (:func:`build_index`), gathered and merged on every
+    rank. A DataError on any rank is raised on every rank."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        part: Index | str = build_index(files, builder, progress and rank == 0, (rank, world))
+    except DataError as e:
+        part = str(e)
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, part)
+    errors = [p for p in parts if isinstance(p, str)]
+    if errors:
+        raise DataError(errors[0])
+    return merge(parts)
 
 
 def cache_key(files: list[DataFile], image_folder: Path, processor, **options: Any) -> str:
@@ -463,9 +508,21 @@ def cache_key(files: list[DataFile], image_folder: Path, processor, **options: A
 
 
 def cached_index(
-    files: list[DataFile], builder: Builder, cache_dir: Path | None, key: str, progress: bool
+    files: list[DataFile],
+    builder: Builder,
+    cache_dir: Path | None,
+    key: str,
+    progress: bool,
+    shared: bool = False,
 ) -> Index:
-    """The index from ``cache_dir`` (built and saved there first if absent; None: no cache)."""
+    """The index from ``cache_dir`` (built and saved there first if absent; None: no cache).
+
+    ``shared``: every rank of the default process group calls this, and they build it
+    together (:func:`shared_build`) when one of them lacks it; else one process builds it
+    and the others on the machine wait for it (a file lock).
+    """
+    if shared and _group_size() > 1:
+        return _shared_cached(files, builder, cache_dir, key, progress)
     if cache_dir is None:
         return build_index(files, builder, progress)
     from filelock import FileLock, Timeout
@@ -493,3 +550,40 @@ def cached_index(
         return index
     finally:
         lock.release()
+
+
+def _group_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _shared_cached(
+    files: list[DataFile], builder: Builder, cache_dir: Path | None, key: str, progress: bool
+) -> Index:
+    import torch
+    import torch.distributed as dist
+
+    path = cache_dir / f"{key}.npz" if cache_dir is not None else None
+    index = None
+    if path is not None and path.is_file():
+        try:
+            index = Index.load(path)
+        except (OSError, ValueError, KeyError, TypeError):
+            index = None
+    # build together unless every rank has it (a rank that skipped the gather would hang
+    # the others); one tiny all-reduce decides
+    missing = torch.tensor([float(index is None)])
+    if dist.get_backend() == "nccl":
+        missing = missing.cuda()
+    dist.all_reduce(missing)
+    if not missing.item():
+        return index
+    index = shared_build(files, builder, progress)
+    if path is not None and int(os.environ.get("LOCAL_RANK", dist.get_rank())) == 0:
+        try:  # one writer per machine; the file appears whole or not at all
+            path.parent.mkdir(parents=True, exist_ok=True)
+            index.save(path)
+        except OSError as e:
+            warnings.warn(f"{path}: the data index was not cached ({e})", stacklevel=3)
+    return index
