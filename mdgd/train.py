@@ -204,7 +204,7 @@ def load_processor(path: str):
     image_token = getattr(config, "image_token_id", None)
     if image_token is None:
         image_token = getattr(config, "image_token_index", None)
-    kind = f"{'/'.join(config.architectures or [])} (model_type {config.model_type!r})"
+    kind = model_kind(config)
     if image_token is None or not hasattr(config, "vision_config"):
         raise TrainError(
             f"--model {path}: {kind} is not a supported vision-language model: mdgd train needs "
@@ -224,6 +224,11 @@ def load_processor(path: str):
     return config, processor
 
 
+def model_kind(config) -> str:
+    """``LlavaForConditionalGeneration (model_type 'llava')``: how messages name a model."""
+    return f"{'/'.join(config.architectures or [])} (model_type {config.model_type!r})"
+
+
 def looks_local(path: str) -> bool:
     """Whether ``--model`` names a directory rather than a hub id (``org/name``)."""
     return (
@@ -239,7 +244,7 @@ def load_model(path: str, config, dtype: torch.dtype):
     """The checkpoint's weights as an image-text-to-text model (``config`` from load_processor)."""
     from transformers import AutoModelForImageTextToText
 
-    kind = f"{'/'.join(config.architectures or [])} (model_type {config.model_type!r})"
+    kind = model_kind(config)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
     except ValueError as e:  # e.g. a configuration class the auto mapping does not know

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .index import Builder, TokenBound, cache_key, cached_index, default_cache_dir
-from .records import PLACEHOLDER, DataError, image_files, sample_name, to_messages
+from .records import DataError, checked_messages, image_files, sample_name
 from .scan import data_files, read_sample
 from .tokens import SKIPPED, Encoded, encode, first_special, render, truncate
 
@@ -169,21 +169,13 @@ class LlavaDataset(torch.utils.data.Dataset):
                 raise DataError(f"cannot read image {path} ({e})") from None
         return out
 
-    def _messages(self, rec: dict) -> list[dict]:
-        count = sum(t["value"].count(PLACEHOLDER) for t in rec["conversations"])
-        if count != len(image_files(rec)):  # checked at start-up; the file may have changed
-            raise DataError(
-                f"{count} {PLACEHOLDER} placeholder(s) but {len(image_files(rec))} image(s)"
-            )
-        return to_messages(rec["conversations"])
-
-    def _encode_record(self, path, position, rec: dict) -> Encoded:
-        return encode(self.processor, self._messages(rec), self._open(rec), self._first)
+    def _encode_record(self, rec: dict) -> Encoded:
+        return encode(self.processor, checked_messages(rec), self._open(rec), self._first)
 
     def _item(self, i: int) -> Encoded:
         rec = self.record(i)
         try:
-            enc = self._encode_record(None, None, rec)
+            enc = self._encode_record(rec)
             if self.max_length is not None:
                 enc = truncate(enc, self.max_length, self.image_token_id)
                 if enc is None:
@@ -220,7 +212,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     def prompt(self, i: int) -> tuple[dict[str, torch.Tensor], str]:
         """The inputs of sample ``i``'s first prompt (with generation prompt), and its answer."""
         rec = self.record(i)
-        messages = self._messages(rec)
+        messages = checked_messages(rec)
         a = next(k for k, m in enumerate(messages) if m["role"] == "assistant")
         answer = " ".join(p["text"] for p in messages[a]["content"] if p["type"] == "text")
         text = render(self.processor, messages[:a], generation_prompt=True)

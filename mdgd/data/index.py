@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from .records import PLACEHOLDER, DataError, check_record, image_files, sample_name, to_messages
+from .records import DataError, check_record, checked_messages, image_files, sample_name
 from .scan import DataFile, file_samples
 from .tokens import assemble, chunks, encode_texts, render, token_ids, truncate
 
@@ -115,8 +115,7 @@ class TokenBound:
         counts = set()
         for size in PROBE_SIZES:
             try:
-                out = self.processor._get_num_multimodal_tokens(image_sizes=[size])
-                counts.add(int(out.num_image_tokens[0]))
+                counts.update(self.image_counts([size]))
             except (AttributeError, NotImplementedError, TypeError, IndexError, ValueError):
                 return None
         return counts.pop() if len(counts) == 1 else None
@@ -171,8 +170,8 @@ class TokenBound:
         if pieces is not None and shape.verified < CHECKED_PER_SHAPE:
             shape.verified += 1  # as for the bound: the first few of a shape show the template
             if "".join(t for t, _ in pieces) != render(self.processor, messages):
-                shape.marked = None  # it does more than put the texts in place: render each
-        return shape.pieces(messages)
+                shape.marked = pieces = None  # it does more than put the texts in place
+        return pieces
 
 
 @dataclass
@@ -248,7 +247,7 @@ class Builder:
     max_length: int | None
     image_token_id: int
     skip_bad: bool
-    encode_full: Any  # (DataFile path, position, sample) -> Encoded, images read
+    encode_full: Any  # sample -> Encoded, its images read
     rows: dict[str, list] = field(default_factory=lambda: {k: [] for k in Index.ARRAYS})
     invalid: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
@@ -270,37 +269,30 @@ class Builder:
         check_record(path, position, rec)
         where = f"{path}: {sample_name(position, rec)}"
         files = image_files(rec)
-        count = sum(t["value"].count(PLACEHOLDER) for t in rec["conversations"])
-        if count != len(files):
-            raise DataError(
-                f"{where}: {count} {PLACEHOLDER} placeholder(s) in the conversation but "
-                f"{len(files)} image(s)"
-            )
+        try:
+            messages = checked_messages(rec)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
         for name in files:
             full = str(self.image_folder / name)
             if name not in self.exists:
                 self.exists[name] = os.path.isfile(full)
             if not self.exists[name]:
                 raise DataError(f"{where}: image not found: {full}")
-        messages = to_messages(rec["conversations"])
         words = max(1, sum(len(t["value"].split()) for t in rec["conversations"]))
-        exact, tokens = False, None
+        exact = False
         try:
             counts = self._image_counts(files, where)
-            if counts is None:  # the processor cannot predict them: read the images
-                enc = self.encode_full(path, position, rec)
-                exact, tokens = True, self._fits(enc)
+            if counts is not None and files and self.counts_checked is None:
+                self.counts_checked = self._check_counts(rec, messages, counts)
+            if counts is None or (files and not self.counts_checked):
+                # the processor's counts are not to be trusted: read the images
+                exact, tokens = True, self._fits(self.encode_full(rec))
             else:
-                if files and self.counts_checked is None:
-                    self.counts_checked = self._check_counts(path, position, rec, messages, counts)
-                    if not self.counts_checked:
-                        enc = self.encode_full(path, position, rec)
-                        exact, tokens = True, self._fits(enc)
-                if not exact:
-                    tokens = self.bounds.bound(messages, counts)
-                    if self.max_length is not None and tokens > self.max_length:
-                        row = len(self.rows["offset"])  # counted exactly in flush()
-                        self.pending.append((row, where, messages, counts))
+                tokens = self.bounds.bound(messages, counts)
+                if self.max_length is not None and tokens > self.max_length:
+                    row = len(self.rows["offset"])  # counted exactly in flush()
+                    self.pending.append((row, where, messages, counts))
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         except Exception as e:  # the chat template or the processor refused the sample
@@ -400,11 +392,11 @@ class Builder:
                 raise DataError(f"cannot read image {full} ({e})") from None
         return self.sizes[name]
 
-    def _check_counts(self, path, position, rec, messages, counts) -> bool:
+    def _check_counts(self, rec, messages, counts) -> bool:
         """The processor's image-token count against a full encoding of the first image sample."""
         import torch
 
-        full = self.encode_full(path, position, rec)
+        full = self.encode_full(rec)
         counted = self.bounds.exact(messages, counts)
         same = all(torch.equal(full[k], counted[k]) for k in counted)
         if not same:
@@ -540,16 +532,25 @@ def cached_index(
         print(f"mdgd: waiting for another process to index the data ({path})", file=sys.stderr)
         lock.acquire()
     try:
-        if path.is_file():
-            try:
-                return Index.load(path)
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                warnings.warn(f"{path}: unreadable data index, rebuilt ({e})", stacklevel=3)
+        index = load_cached(path)
+        if index is not None:
+            return index
         index = build_index(files, builder, progress)
         index.save(path)
         return index
     finally:
         lock.release()
+
+
+def load_cached(path: Path) -> Index | None:
+    """The index cached at ``path``; None when there is none (or it is unreadable: rebuilt)."""
+    if not path.is_file():
+        return None
+    try:
+        return Index.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"{path}: unreadable data index, rebuilt ({e})", stacklevel=3)
+        return None
 
 
 def _group_size() -> int:
@@ -565,12 +566,7 @@ def _shared_cached(
     import torch.distributed as dist
 
     path = cache_dir / f"{key}.npz" if cache_dir is not None else None
-    index = None
-    if path is not None and path.is_file():
-        try:
-            index = Index.load(path)
-        except (OSError, ValueError, KeyError, TypeError):
-            index = None
+    index = load_cached(path) if path is not None else None
     # build together unless every rank has it (a rank that skipped the gather would hang
     # the others); one tiny all-reduce decides
     missing = torch.tensor([float(index is None)])

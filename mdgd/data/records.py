@@ -101,6 +101,18 @@ def image_files(rec: dict) -> list[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
+def checked_messages(rec: dict) -> list[dict]:
+    """The sample's turns as chat messages, once its ``<image>`` placeholders are checked
+    against its image files (a DataError that the caller prefixes with the sample's name)."""
+    count = sum(t["value"].count(PLACEHOLDER) for t in rec["conversations"])
+    if count != len(image_files(rec)):
+        raise DataError(
+            f"{count} {PLACEHOLDER} placeholder(s) in the conversation but "
+            f"{len(image_files(rec))} image(s)"
+        )
+    return to_messages(rec["conversations"])
+
+
 def to_messages(conversations: Sequence[dict]) -> list[dict]:
     """LLaVA turns as Hugging Face chat messages; ``<image>`` becomes an image part."""
     messages = []
